@@ -1,0 +1,303 @@
+"""PyTorch reference of every op: the spec the CUDA and Triton kernels are tested against.
+
+Written to be read, in fp32 (the kernels accumulate in fp32 too), vectorised over the batch only
+where a per-row Python loop would make the statistical tests and the CPU engine too slow.
+
+Randomness is Philox4x32-10 (Salmon et al., SC'11), counter-based, so every backend can regenerate
+the same noise for any (request row, node, token) without state. The one layout all backends use:
+
+    key     = (seed & 0xFFFFFFFF, seed >> 32)            seed: per-row uint64 (int64 bits)
+    counter = (token >> 2, row << 16 | slot, offset & 0xFFFFFFFF, offset >> 32)
+    uniform = ((w >> 9) + 0.5) * 2**-23,  w = output word (token & 3)
+
+``slot`` is a row of ``target_logits`` (0 = root, i + 1 = draft node i); ``token`` is a vocabulary id
+for the per-token race noise, or ``ACCEPT_COUNTER`` for the one acceptance uniform of draft node i,
+drawn at slot i + 1. One Philox call serves four consecutive tokens (it yields four words), which
+quarters the integer work of a race over the vocabulary. The uniform is exact in fp32 and lies
+strictly inside (0, 1), so the exponential ``-log(u)`` is finite and positive: a zero-probability
+token scores 0 and can never beat a token with positive probability.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+MASK32 = 0xFFFFFFFF
+ACCEPT_COUNTER = 0xFFFFFFFF  # token word of an acceptance uniform; never a vocabulary id
+MAX_BATCH = (1 << 16) - 1  # row fits the high half of counter word 1; also the grid.y limit
+MAX_SLOTS = 1 << 16  # slot (N + 1 logits rows) must fit the low half
+
+
+class VerifyOutput(NamedTuple):
+    tokens: torch.Tensor  # [B, N+1] int64: accepted draft tokens, then the correction/bonus token
+    num_accepted: torch.Tensor  # [B] int64: draft tokens accepted
+    path: torch.Tensor  # [B, N] int64: accepted node indices in order
+
+
+class VerifyBuffers(NamedTuple):
+    """Outputs and per-node workspace of the verify kernels (both backends write the same)."""
+
+    tokens: torch.Tensor  # [B, N+1] int64
+    num_accepted: torch.Tensor  # [B] int64
+    path: torch.Tensor  # [B, N] int64
+    next_child: torch.Tensor  # [B, N+1] int32: accepted child of each slot's node, or -1
+    emitted: torch.Tensor  # [B, N+1] int64: token emitted if the walk stops at that slot
+
+    @classmethod
+    def empty(cls, batch: int, num_nodes: int, device) -> VerifyBuffers:
+        def new(shape, dtype=torch.int64):
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        slots = (batch, num_nodes + 1)
+        return cls(new(slots), new((batch,)), new((batch, num_nodes)), new(slots, torch.int32), new(slots))
+
+
+# ----------------------------------------------------------------------------------------------
+# Philox4x32-10
+# ----------------------------------------------------------------------------------------------
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for uint32 values held in int64 tensors.
+
+    b is split in 16-bit halves so every intermediate stays below 2**63.
+    """
+    p_lo = a * (b & 0xFFFF)
+    p_hi = a * (b >> 16)
+    mid = p_hi + (p_lo >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+
+
+def philox4x32_10(counter, key) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 on broadcastable int64 tensors holding uint32 words: 4 counter, 2 key words."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & MASK32 for c in counter)
+    k0, k1 = (torch.as_tensor(k, dtype=torch.int64) & MASK32 for k in key)
+    for round_index in range(PHILOX_ROUNDS):
+        if round_index:
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def philox_uniform(seed, offset, row, slot, token) -> torch.Tensor:
+    """fp32 uniforms in (0, 1) under the counter layout in this module's docstring.
+
+    All arguments are int64 tensors (or ints) that broadcast together.
+    """
+    seed = torch.as_tensor(seed, dtype=torch.int64)
+    offset = torch.as_tensor(offset, dtype=torch.int64)
+    token = torch.as_tensor(token, dtype=torch.int64)
+    words = philox4x32_10(
+        (token >> 2, (torch.as_tensor(row) << 16) | torch.as_tensor(slot), offset, offset >> 32),
+        (seed, seed >> 32),
+    )
+    words = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [..., 4]
+    lane = torch.broadcast_to(token & 3, words.shape[:-1])
+    return uniform_from_word(words.gather(-1, lane[..., None])[..., 0])
+
+
+def vocab_uniforms(seed, offset, row, slot, vocab: int) -> torch.Tensor:
+    """Uniforms of tokens 0 .. vocab-1, [..., vocab]: philox_uniform computed one Philox call per
+    four tokens, as the kernels do. seed, offset, row, slot: [...] int64 tensors."""
+    quads = torch.arange((vocab + 3) // 4, device=torch.as_tensor(seed).device)
+    seed, offset, row, slot = (
+        torch.as_tensor(t, dtype=torch.int64)[..., None] for t in (seed, offset, row, slot)
+    )
+    words = philox4x32_10((quads, (row << 16) | slot, offset, offset >> 32), (seed, seed >> 32))
+    words = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [..., quads, 4]: token order
+    return uniform_from_word(words.flatten(-2)[..., :vocab])
+
+
+def uniform_from_word(word: torch.Tensor) -> torch.Tensor:
+    """((w >> 9) + 0.5) * 2**-23: exact in fp32 and strictly inside (0, 1).
+
+    Both ends matter: u = 1 gives -log(u) = 0 (a division by zero in the race) and u = 0 gives an
+    infinite exponential (a key of 0 even for a likely token). With 24 bits, + 0.5 would round.
+    """
+    return ((word >> 9).to(torch.float32) + 0.5) * 2.0**-23
+
+
+# ----------------------------------------------------------------------------------------------
+# Rejection resampling
+# ----------------------------------------------------------------------------------------------
+
+
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 copy with NaN read as -inf, so a NaN can never win an argmax or a race."""
+    logits = logits.float()
+    return torch.where(torch.isnan(logits), float("-inf"), logits)
+
+
+def softmax_weights(z: torch.Tensor) -> torch.Tensor:
+    """Unnormalised softmax weights exp(z - max) along the last dim, defined for every input.
+
+    Rows whose max is +inf put equal weight on their +inf entries; rows with no finite entry
+    (all -inf) are uniform. Every row therefore has a positive sum.
+    """
+    m = z.amax(dim=-1, keepdim=True)
+    finite = torch.exp(z - torch.where(torch.isfinite(m), m, 0.0))
+    weights = torch.where(m == float("inf"), (z == float("inf")).float(), finite)
+    return torch.where(m == float("-inf"), 1.0, weights)
+
+
+def race(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Sample index x with probability weights[x] / sum(weights): argmax of weights / Exp(1).
+
+    The exponential race needs no normalisation and no materialised CDF; ties go to the lowest id.
+    """
+    return torch.argmax(weights / -torch.log(uniforms), dim=-1)
+
+
+def _per_row(value, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=dtype, device=device).expand(batch).contiguous()
+
+
+def chain_parents(num_nodes: int, device=None) -> torch.Tensor:
+    """Parent array of a chain: node i hangs under node i - 1 (-1 = the root)."""
+    return torch.arange(-1, num_nodes - 1, dtype=torch.int64, device=device)
+
+
+def _first_child_with_token(children, draft_tokens, token) -> torch.Tensor:
+    """Lowest-index child whose token equals ``token`` per row, else -1. children: [B, N] bool."""
+    match = children & (draft_tokens == token[:, None])
+    first = torch.where(match, torch.arange(match.shape[1], device=match.device), match.shape[1])
+    first = first.amin(dim=1) if match.shape[1] else torch.zeros_like(token)
+    return torch.where(first < match.shape[1], first, -1)
+
+
+def verify(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor = 0.0,
+    seed: int | torch.Tensor = 0,
+    offset: int | torch.Tensor = 0,
+) -> VerifyOutput:
+    """Rejection resampling over a draft chain or tree (contract: ARCHITECTURE.md, ``verify``).
+
+    Walks each request's tree from the root. At the current node, with target distribution
+    p = softmax(logits / T):
+
+    * greedy rows (T <= 0, or NaN): y = argmax(logits); accept the lowest-index child whose token
+      is y and descend, else emit y and stop;
+    * ``draft_probs`` None: y ~ p by the exponential race; accept a child with token y and descend,
+      else emit y and stop;
+    * ``draft_probs`` given, q = draft_probs[node]: for each child x in index order, accept with
+      probability min(1, p(x) / q(x)); on rejection p <- norm((p - q)+) (kept as is if that is all
+      zero); when every child is rejected emit y ~ p.
+
+    Draft tokens outside [0, V) and nodes whose parent is not in [-1, i) are absent: never accepted.
+    """
+    batch, num_nodes = draft_tokens.shape
+    if batch > MAX_BATCH:  # the row must fit its 16 counter bits, or rows would share noise
+        raise ValueError(f"verify: batch size must be at most {MAX_BATCH}, got {batch}")
+    vocab = target_logits.shape[-1]
+    device = target_logits.device
+    rows = torch.arange(batch, device=device)
+    node_ids = torch.arange(num_nodes, device=device)
+
+    temperature = _per_row(temperature, batch, torch.float32, device)
+    seed = _per_row(seed, batch, torch.int64, device)
+    offset = _per_row(offset, batch, torch.int64, device)
+    draft_tokens = draft_tokens.to(device=device, dtype=torch.int64)
+    if parents is None:
+        parents = chain_parents(num_nodes, device)
+    parents = parents.to(device=device, dtype=torch.int64).expand(batch, num_nodes)
+
+    logits = sanitize_logits(target_logits)
+    greedy = ~(temperature > 0)
+    safe_temperature = torch.where(greedy, 1.0, temperature)[:, None]
+    present = (draft_tokens >= 0) & (draft_tokens < vocab)
+    safe_tokens = draft_tokens.clamp(0, vocab - 1)
+    # One spare column so a "no child" index (-1 -> N) can be gathered even when N = 0.
+    tokens_or_pad = torch.cat([draft_tokens, draft_tokens.new_full((batch, 1), -1)], dim=1)
+    # children[b, s, j]: node j is a present child of the node in slot s (node s - 1).
+    slot_nodes = torch.arange(-1, num_nodes, device=device)
+    children = (
+        (parents[:, None, :] == slot_nodes[None, :, None])
+        & (node_ids[None, None, :] > slot_nodes[None, :, None])
+        & present[:, None, :]
+    )
+
+    tokens = torch.full((batch, num_nodes + 1), -1, dtype=torch.int64, device=device)
+    path = torch.full((batch, num_nodes), -1, dtype=torch.int64, device=device)
+    num_accepted = torch.zeros(batch, dtype=torch.int64, device=device)
+    slot = torch.zeros(batch, dtype=torch.int64, device=device)
+    walking = torch.ones(batch, dtype=torch.bool, device=device)
+
+    for _ in range(num_nodes + 1):
+        kids = children[rows, slot]
+        row_logits = logits[rows, slot]
+        argmax = torch.argmax(row_logits, dim=-1)
+        child = _first_child_with_token(kids, draft_tokens, argmax)
+        emitted = argmax
+        if not bool(greedy.all()):
+            weights = softmax_weights(row_logits / safe_temperature)
+            race_noise = vocab_uniforms(seed, offset, rows, slot, vocab)
+            if draft_probs is None:
+                sample = race(weights, race_noise)
+                sampled_child = _first_child_with_token(kids, draft_tokens, sample)
+            else:
+                q = draft_probs[rows, slot].float()
+                sample, sampled_child = _recursive_rejection(
+                    weights / weights.sum(-1, keepdim=True),
+                    torch.where(q > 0, q, 0.0),
+                    kids,
+                    safe_tokens,
+                    race_noise,
+                    seed,
+                    offset,
+                )
+            emitted = torch.where(greedy, argmax, sample)
+            child = torch.where(greedy, child, sampled_child)
+
+        accept = walking & (child >= 0)
+        stop = walking & (child < 0)
+        tokens[rows[accept], num_accepted[accept]] = tokens_or_pad[rows, child][accept]
+        path[rows[accept], num_accepted[accept]] = child[accept]
+        tokens[rows[stop], num_accepted[stop]] = emitted[stop]
+        num_accepted += accept.long()
+        slot = torch.where(accept, child + 1, slot)
+        walking = accept
+        if not bool(walking.any()):
+            break
+    return VerifyOutput(tokens, num_accepted, path)
+
+
+def _recursive_rejection(p, q, kids, draft_tokens, race_noise, seed, offset):
+    """One node of recursive rejection sampling for every row: (emitted token, accepted child or -1).
+
+    p, q: [B, V] target and draft distributions at the node; kids: [B, N] its present children.
+    Children are tried in index order; the r-th child of each row is handled in the same step.
+    """
+    batch, num_nodes = kids.shape
+    rows = torch.arange(batch, device=p.device)
+    child = torch.full((batch,), -1, dtype=torch.int64, device=p.device)
+    rank = kids.long().cumsum(dim=1)  # rank[b, j] = 1 + number of earlier children of that node
+    for r in range(1, int(rank[:, -1].max()) + 1 if num_nodes else 1):
+        candidate = torch.where(kids & (rank == r), torch.arange(num_nodes, device=p.device), num_nodes).amin(
+            dim=1
+        )
+        trying = (child < 0) & (candidate < num_nodes)
+        safe_candidate = candidate.clamp(max=num_nodes - 1)
+        x = draft_tokens[rows, safe_candidate]
+        u = philox_uniform(seed, offset, rows, safe_candidate + 1, ACCEPT_COUNTER)
+        accepted = trying & (u * q[rows, x] < p[rows, x])
+        child = torch.where(accepted, candidate, child)
+        residual = (p - q).clamp(min=0)
+        mass = residual.sum(dim=-1, keepdim=True)
+        rejected = (trying & ~accepted)[:, None] & (mass > 0)
+        p = torch.where(rejected, residual / torch.where(mass > 0, mass, 1.0), p)
+    return race(p, race_noise), child
