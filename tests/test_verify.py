@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _verify_cases import assert_valid_output, make_case
 
 import crossspec_kernels as ck
 from crossspec_kernels import reference
+from crossspec_kernels.testing import assert_valid_output, make_case
 
 INF = float("inf")
 

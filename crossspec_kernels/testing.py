@@ -1,4 +1,4 @@
-"""Input builders and invariant checks shared by the verify tests and benchmarks."""
+"""Input builders and invariant checks for verify, shared by the tests and the benchmarks."""
 
 from __future__ import annotations
 
