@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -412,8 +413,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out",
-        help="results JSON path (default on a GPU: bench/results/verify-<gpu>-<date>.json; "
-        "on CPU nothing is written unless given)",
+        help="results JSON path, or a directory to write verify-<gpu>-<date>.json into (default on a "
+        "GPU: bench/results/verify-<gpu>-<date>.json; on CPU nothing is written unless given)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the baseline")
@@ -473,6 +474,8 @@ def main(argv=None) -> int:
         problems=problems,
     )
     out = args.out or (None if smoke else default_results_path("verify", info))
+    if out and os.path.isdir(out):
+        out = os.path.join(out, default_results_path("verify", info).name)
     if out:
         print(f"wrote {write_results(out, payload)}")
     elif smoke:

@@ -33,6 +33,7 @@ MASK32 = 0xFFFFFFFF
 ACCEPT_COUNTER = 0xFFFFFFFF  # token word of an acceptance uniform; never a vocabulary id
 MAX_BATCH = (1 << 16) - 1  # row fits the high half of counter word 1; also the grid.y limit
 MAX_SLOTS = 1 << 16  # slot (N + 1 logits rows) must fit the low half
+MAX_VOCAB = 1 << 30  # token ids (and ids + 3 in the kernels' quads) stay far from int32 overflow
 
 
 class VerifyOutput(NamedTuple):

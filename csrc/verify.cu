@@ -119,7 +119,7 @@ __device__ __forceinline__ float exponential(const uint4& words, int lane) {
 }
 
 // Each thread visits four consecutive ids per step: a warp reads 128 contiguous elements, and a
-// race needs one Philox call per visit. `visit(x, lane)` sees x = base + lane < vocab.
+// race needs one Philox call per visit. `visit(base, lane)` handles id base + lane < vocab.
 template <typename Visit>
 __device__ __forceinline__ void for_each_quad(int32_t vocab, Visit&& visit) {
   for (int32_t base = 4 * threadIdx.x; base < vocab; base += 4 * kThreads) {
@@ -305,7 +305,7 @@ cudaError_t verify(const VerifyParams& params, cudaStream_t stream) {
   // Limits of the counter layout and the grid (grid.y <= 65535); the Python layer checks them
   // first with named errors, this is the last line of defence for direct callers.
   if (params.batch < 1 || params.batch > 65535 || params.num_nodes < 0 ||
-      params.num_nodes + 1 > 65536 || params.vocab < 1 || params.vocab > INT32_MAX) {
+      params.num_nodes + 1 > 65536 || params.vocab < 1 || params.vocab > (int64_t{1} << 30)) {
     return cudaErrorInvalidValue;
   }
   cudaError_t status = cudaErrorInvalidValue;

@@ -30,7 +30,7 @@ struct VerifyParams {
   const int64_t* offset;        // [B] Philox counter high words (uint64 bits)
   int64_t batch;                // B <= 65536
   int64_t num_nodes;            // N; N + 1 <= 65536
-  int64_t vocab;                // V < 2^31
+  int64_t vocab;                // V <= 2^30 (int32 ids with headroom)
   int32_t* next_child;          // workspace [B, N+1]: accepted child of each slot's node, or -1
   int64_t* emitted;             // workspace [B, N+1]: token emitted if the walk stops there
   int64_t* tokens;              // out [B, N+1]

@@ -346,6 +346,12 @@ BAD_INPUTS = [
         "target_logits must be fp32, fp16 or bf16",
     ),
     (dict(target_logits=torch.randn(2, 4, 0)), {}, ValueError, "vocabulary size"),
+    (
+        dict(target_logits=torch.empty(2, 4, 2**30 + 1, device="meta")),
+        {},
+        ValueError,
+        "in \\[1, 1073741824\\]",
+    ),
     (dict(draft_tokens=torch.zeros(2, 3)), {}, ValueError, "draft_tokens must be int64 or int32"),
     (dict(draft_tokens=torch.zeros(6, dtype=torch.int64)), {}, ValueError, "draft_tokens must be 2-D"),
     (dict(draft_tokens=torch.zeros(3, 3, dtype=torch.int64)), {}, ValueError, "draft_tokens has batch 3"),

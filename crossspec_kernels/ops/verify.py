@@ -10,7 +10,7 @@ import torch
 
 from crossspec_kernels import reference
 from crossspec_kernels.ops._dispatch import pick_backend
-from crossspec_kernels.reference import MAX_BATCH, MAX_SLOTS, VerifyBuffers, VerifyOutput
+from crossspec_kernels.reference import MAX_BATCH, MAX_SLOTS, MAX_VOCAB, VerifyBuffers, VerifyOutput
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int64, torch.int32)
@@ -109,8 +109,8 @@ def _check_tensors(target_logits, draft_tokens, parents, draft_probs):
             f"verify: target_logits must have N+1 = {num_nodes + 1} rows per request (root + one per draft "
             f"node), got {slots}"
         )
-    if vocab < 1 or vocab >= (1 << 31):
-        raise ValueError(f"verify: target_logits vocabulary size must be in [1, 2**31), got {vocab}")
+    if not 1 <= vocab <= MAX_VOCAB:
+        raise ValueError(f"verify: target_logits vocabulary size must be in [1, {MAX_VOCAB}], got {vocab}")
     if not 1 <= batch <= MAX_BATCH:
         raise ValueError(f"verify: batch size must be in [1, {MAX_BATCH}], got {batch}")
     if slots > MAX_SLOTS:
