@@ -302,3 +302,90 @@ def _recursive_rejection(p, q, kids, draft_tokens, race_noise, seed, offset):
         rejected = (trying & ~accepted)[:, None] & (mass > 0)
         p = torch.where(rejected, residual / torch.where(mass > 0, mass, 1.0), p)
     return race(p, race_noise), child
+
+
+# ----------------------------------------------------------------------------------------------
+# Tree-masked verification attention
+# ----------------------------------------------------------------------------------------------
+
+
+def tree_visibility(
+    batch: int,
+    num_queries: int,
+    kv_len: int,
+    tree_mask: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """[B, Q, L] bool: which kv positions each of the Q new tokens may attend.
+
+    The Q new tokens are the last Q kv positions. The prefix (positions < L - Q) is visible to every
+    query except positions < kv_start[b] (left padding); among the new tokens, query i sees node j
+    iff tree_mask[b, i, j] (None: causal, j <= i).
+    """
+    prefix = kv_len - num_queries
+    positions = torch.arange(kv_len, device=device)
+    if tree_mask is None:
+        tree_mask = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device).tril()
+    visible = torch.ones(batch, num_queries, kv_len, dtype=torch.bool, device=device)
+    visible[:, :, prefix:] = tree_mask.to(device=device, dtype=torch.bool).expand(
+        batch, num_queries, num_queries
+    )
+    if kv_start is not None:
+        start = torch.as_tensor(kv_start, device=device).reshape(-1, 1, 1)
+        visible &= positions[None, None, :] >= start
+    return visible
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree_mask: torch.Tensor | None = None,
+    *,
+    kv_start: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention of q [B, Hq, Q, D] over k, v [B, Hkv, L, D] under tree_visibility, in fp32.
+
+    Query head h reads kv head h // (Hq / Hkv) (GQA). A query that sees no position outputs zeros.
+    Returns q's dtype.
+    """
+    batch, q_heads, num_queries, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    keys = k.float().repeat_interleave(group, dim=1)
+    values = v.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ keys.transpose(-1, -2)) * scale  # [B, Hq, Q, L]
+    visible = tree_visibility(batch, num_queries, kv_len, tree_mask, kv_start, q.device)[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: 0, not NaN
+    return (probs @ values).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# KV-cache compaction
+# ----------------------------------------------------------------------------------------------
+
+
+def compact_kv(
+    caches: list[torch.Tensor],
+    path: torch.Tensor,
+    num_accepted: torch.Tensor,
+    tree_start: int | torch.Tensor,
+) -> None:
+    """Move each request's accepted tree slots next to the root, in place, in every cache tensor.
+
+    caches: tensors [B, H, L, D] (keys and values of every layer). The verification step wrote the
+    root (the last committed token) at position tree_start[b] and draft node i at tree_start[b] + 1 + i.
+    Afterwards positions tree_start[b] + 1 + j, j < num_accepted[b], hold accepted node path[b, j];
+    the committed length of row b is tree_start[b] + 1 + num_accepted[b]; later positions are stale.
+    """
+    batch = path.shape[0]
+    start = torch.as_tensor(tree_start, device=path.device).expand(batch)
+    for cache in caches:
+        for b in range(batch):
+            count, first = int(num_accepted[b]), int(start[b]) + 1
+            source = first + path[b, :count].to(cache.device)
+            cache[b, :, first : first + count] = cache[b, :, source].clone()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from crossspec_kernels import reference
@@ -77,3 +81,36 @@ def assert_valid_output(out, draft_tokens, parents, vocab) -> None:
             assert int(out.tokens[b, i]) == int(draft_tokens[b, node])
             assert 0 <= int(draft_tokens[b, node]) < vocab
             previous = node
+
+
+def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
+    """[Q, Q] bool: node i sees node j iff j is i or one of its ancestors (parents [Q], -1 = none).
+
+    A verification step's mask over (root, draft nodes) is ancestor_mask of [-1, parents + 1].
+    """
+    num_nodes = parents.shape[0]
+    mask = torch.eye(num_nodes, dtype=torch.bool)
+    for i, parent in enumerate(parents.tolist()):
+        if parent >= 0:
+            mask[i] |= mask[parent]
+    return mask
+
+
+def compile_offline(script: str, capability: int, timeout: int = 900) -> str:
+    """Run ``script`` (which lowers Triton kernels with triton.compile for sm_<capability>) in a
+    subprocess with TRITON_INTERPRET off, assert it succeeded and printed "compiled for sm_<cc>",
+    and return its stdout.
+
+    The CPU interpreter accepts code the real compiler rejects, so every kernel is also lowered to a
+    cubin here, on a machine without a GPU.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(capability)],
+        env=dict(os.environ, TRITON_INTERPRET="0"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"compiled for sm_{capability}" in result.stdout, result.stdout[-2000:]
+    return result.stdout

@@ -25,6 +25,8 @@ pip_install() { "$py" -m pip install --progress-bar off "$@"; }
 pip_install --upgrade pip "setuptools>=68" wheel
 pip_install "torch==2.13.0"
 pip_install "triton==3.6.0" "numpy<2.4"
+# The Hugging Face version the GPU machines run; tests build tiny models from configs (no downloads).
+pip_install "transformers==5.17.0"
 # The build requirements of pyproject.toml, installed here so the build can skip isolation (faster,
 # and a rerun rebuilds incrementally).
 pip_install "pybind11>=2.12" "cmake>=3.25" ninja
