@@ -24,5 +24,6 @@ compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest "${cuda_te
 compute-sanitizer --tool racecheck --error-exitcode 1 python -m pytest "${cuda_tests[@]}" 2>&1 |
   tail -n 20 | tee "$OUT/racecheck.log"
 
-echo "== benchmark"
+echo "== benchmarks"
 python bench/bench_verify.py --out "$OUT" 2>&1 | tee "$OUT/bench_verify.log"
+python bench/bench_tree_attention.py --out "$OUT" 2>&1 | tee "$OUT/bench_tree_attention.log"
