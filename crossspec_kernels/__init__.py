@@ -4,8 +4,24 @@ Importing the package needs neither a GPU nor the compiled extension: ``crossspe
 loaded lazily by the ops that use it (see ``crossspec_kernels._ext``).
 """
 
-from crossspec_kernels.ops import compact_kv, pack_tree_mask, tree_attention, verify
+from crossspec_kernels.ops import (
+    adapter_lm_head_topk,
+    compact_kv,
+    lm_head_topk,
+    pack_tree_mask,
+    tree_attention,
+    verify,
+)
 from crossspec_kernels.reference import VerifyOutput
 
 __version__ = "0.1.0"
-__all__ = ["VerifyOutput", "__version__", "compact_kv", "pack_tree_mask", "tree_attention", "verify"]
+__all__ = [
+    "VerifyOutput",
+    "__version__",
+    "adapter_lm_head_topk",
+    "compact_kv",
+    "lm_head_topk",
+    "pack_tree_mask",
+    "tree_attention",
+    "verify",
+]

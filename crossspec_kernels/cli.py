@@ -2,6 +2,7 @@
 
 crossspec demo   run the rejection-resampling op (crossspec_kernels.verify) on a sample
 crossspec info   versions, whether the CUDA extension is built, devices, backend choice
+crossspec adapter extract|train|eval   the adapter toolchain (crossspec_kernels.adapter_tools)
 """
 
 from __future__ import annotations
@@ -279,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, extension build, devices and backend choice")
     info.set_defaults(func=run_info)
+
+    from crossspec_kernels.adapter_tools.cli import add_adapter_parser
+
+    add_adapter_parser(sub)
     return parser
 
 
@@ -287,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo" and (args.batch < 1 or args.vocab < 2):
         raise SystemExit("crossspec demo: --batch must be >= 1 and --vocab >= 2")
     try:
+        if args.command == "adapter":
+            from crossspec_kernels.adapter_tools.cli import run_adapter
+
+            return run_adapter(args)
         return args.func(args)
     except BrokenPipeError:  # e.g. `crossspec demo | head`: stop quietly, like other CLI tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -389,3 +389,29 @@ def compact_kv(
             count, first = int(num_accepted[b]), int(start[b]) + 1
             source = first + path[b, :count].to(cache.device)
             cache[b, :, first : first + count] = cache[b, :, source].clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused adapter projection: LM head + log-softmax + top-k
+# ----------------------------------------------------------------------------------------------
+
+
+def lm_head_topk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    return_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Top-k of log softmax(hidden @ weight.T / temperature), in fp32.
+
+    hidden [M, d], weight [V, d] (the target's LM head). Returns (logprobs [M, k] fp32 sorted
+    descending, ids [M, k] int64, probs [M, V] fp32 or None). Equal log-probs keep the lower id
+    first, so the result is deterministic.
+    """
+    logits = (hidden.float() @ weight.float().T) / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    sorted_logprobs, sorted_ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
+    probs = torch.softmax(logits, dim=-1) if return_probs else None
+    return sorted_logprobs[:, :k], sorted_ids[:, :k], probs
