@@ -8,6 +8,7 @@ a GPU the benchmarks run a smoke mode: tiny shapes, a few iterations, and no spe
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import importlib.util
@@ -333,3 +334,36 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
     ]
     text.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(text)
+
+
+def script_arg_parser(op: str, description: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes; scripts add their own baselines' switches."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--out",
+        help=f"results JSON path, or a directory to write {op}-<gpu>-<date>.json into (default on a GPU: "
+        f"bench/results/{op}-<gpu>-<date>.json; on CPU nothing is written unless given)",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
+    parser.add_argument(
+        "--cpu", action="store_true", help="run the CPU smoke test even when a GPU is present"
+    )
+    parser.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s, overriding the table")
+    return parser
+
+
+def finish_run(
+    op: str, out: str | None, smoke: bool, info: DeviceInfo, payload: dict, problems: list[str]
+) -> int:
+    """Write the results JSON (always on a GPU, on CPU only when asked), report problems, exit code."""
+    path = out or (None if smoke else default_results_path(op, info))
+    if path and os.path.isdir(path):
+        path = os.path.join(path, default_results_path(op, info).name)
+    if path:
+        print(f"wrote {write_results(path, payload)}")
+    elif smoke:
+        print("no JSON written (CPU smoke test; pass --out to write one)")
+    if problems:
+        print(f"\n{len(problems)} PROBLEM(S):\n  " + "\n  ".join(problems))
+        return 1
+    return 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import sys
 from collections.abc import Callable
 
@@ -39,14 +38,14 @@ from _common import (
     SMOKE_BANNER,
     bandwidth_gbps,
     benchmark_synced,
-    default_results_path,
     describe_device,
     environment,
+    finish_run,
     format_table,
     percent_of_peak,
+    script_arg_parser,
     synchronize,
     time_fn,
-    write_results,
 )
 
 from crossspec_kernels import reference
@@ -256,18 +255,8 @@ TABLE_COLUMNS = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out",
-        help="results JSON path, or a directory to write lm_head_topk-<gpu>-<date>.json into (default on a "
-        "GPU: bench/results/lm_head_topk-<gpu>-<date>.json; on CPU nothing is written unless given)",
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
+    parser = script_arg_parser("lm_head_topk", __doc__.split("\n\n")[0])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument(
-        "--cpu", action="store_true", help="run the CPU smoke test even when a GPU is present"
-    )
-    parser.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s, overriding the table")
     return parser.parse_args(argv)
 
 
@@ -312,17 +301,7 @@ def main(argv=None) -> int:
         results=all_rows,
         problems=problems,
     )
-    out = args.out or (None if smoke else default_results_path("lm_head_topk", info))
-    if out and os.path.isdir(out):
-        out = os.path.join(out, default_results_path("lm_head_topk", info).name)
-    if out:
-        print(f"wrote {write_results(out, payload)}")
-    elif smoke:
-        print("no JSON written (CPU smoke test; pass --out to write one)")
-    if problems:
-        print(f"\n{len(problems)} PROBLEM(S):\n  " + "\n  ".join(problems))
-        return 1
-    return 0
+    return finish_run("lm_head_topk", args.out, smoke, info, payload, problems)
 
 
 # ----------------------------------------------------------------------------------------------

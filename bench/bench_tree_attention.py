@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import os
 import sys
 from collections.abc import Callable
 
@@ -50,14 +49,14 @@ from _common import (
     DeviceInfo,
     bandwidth_gbps,
     benchmark_synced,
-    default_results_path,
     describe_device,
     environment,
+    finish_run,
     format_table,
     percent_of_peak,
+    script_arg_parser,
     synchronize,
     time_fn,
-    write_results,
 )
 
 from crossspec_kernels import reference
@@ -397,16 +396,7 @@ TABLE_COLUMNS = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out",
-        help=f"results JSON path, or a directory to write {OP}-<gpu>-<date>.json into (default on a GPU: "
-        f"bench/results/{OP}-<gpu>-<date>.json; on CPU nothing is written unless given)",
-    )
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
-    parser.add_argument(
-        "--cpu", action="store_true", help="run the CPU smoke test even when a GPU is present"
-    )
+    parser = script_arg_parser(OP, __doc__.split("\n\n")[0])
     parser.add_argument(
         "--skip",
         nargs="*",
@@ -414,7 +404,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=[name for name in BACKENDS if name != "ours"],
         help="baselines not to time (e.g. --skip flex: its compile costs seconds per shape)",
     )
-    parser.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s, overriding the table")
     return parser.parse_args(argv)
 
 
@@ -470,17 +459,7 @@ def main(argv=None) -> int:
         results=all_rows,
         problems=problems,
     )
-    out = args.out or (None if smoke else default_results_path(OP, info))
-    if out and os.path.isdir(out):
-        out = os.path.join(out, default_results_path(OP, info).name)
-    if out:
-        print(f"wrote {write_results(out, payload)}")
-    elif smoke:
-        print("no JSON written (CPU smoke test; pass --out to write one)")
-    if problems:
-        print(f"\n{len(problems)} PROBLEM(S):\n  " + "\n  ".join(problems))
-        return 1
-    return 0
+    return finish_run(OP, args.out, smoke, info, payload, problems)
 
 
 # ----------------------------------------------------------------------------------------------

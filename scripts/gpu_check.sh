@@ -27,3 +27,4 @@ compute-sanitizer --tool racecheck --error-exitcode 1 python -m pytest "${cuda_t
 echo "== benchmarks"
 python bench/bench_verify.py --out "$OUT" 2>&1 | tee "$OUT/bench_verify.log"
 python bench/bench_tree_attention.py --out "$OUT" 2>&1 | tee "$OUT/bench_tree_attention.log"
+python bench/bench_lm_head_topk.py --out "$OUT" 2>&1 | tee "$OUT/bench_lm_head_topk.log"
