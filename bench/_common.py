@@ -367,3 +367,49 @@ def finish_run(
         print(f"\n{len(problems)} PROBLEM(S):\n  " + "\n  ".join(problems))
         return 1
     return 0
+
+
+def start_run(args: argparse.Namespace) -> tuple[torch.device, bool, DeviceInfo]:
+    """(device, smoke, info) for a script run, with the smoke banner and the device line printed."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    smoke = device.type != "cuda"
+    info = describe_device(device, peak_gbps=args.peak_gbs)
+    if smoke:
+        print(SMOKE_BANNER)
+    print(f"device: {info.name}; peak bandwidth: {info.peak_source}")
+    return device, smoke, info
+
+
+def run_configs(configs, run_config) -> tuple[list[dict], list[str]]:
+    """Run ``run_config(config) -> (rows, problems)`` over every config, printing each row's time."""
+    all_rows, problems = [], []
+    for config in configs:
+        rows, found = run_config(config)
+        all_rows += rows
+        problems += found
+        for row in rows:
+            shown = f"{row['median_us']:.1f} us" if "median_us" in row else row.get("error", "")
+            print(f"  {config}  {row['backend']:<11} {shown}", flush=True)
+    return all_rows, problems
+
+
+def results_payload(
+    op: str, smoke: bool, info: DeviceInfo, backends, notes, rows: list[dict], problems: list[str], **details
+) -> dict:
+    """The committed-results JSON: environment, what was (not) timed and how, op details, rows."""
+    return dict(
+        op=op,
+        smoke_test=smoke,
+        note=SMOKE_BANNER if smoke else "GPU run",
+        environment=environment(info),
+        timed_backends=backends,
+        not_timed=notes,
+        timing=dict(
+            quantiles=list(QUANTILES),
+            method=next((row["timing_method"] for row in rows if "timing_method" in row), None),
+            l2_flushed=not smoke,
+        ),
+        **details,
+        results=rows,
+        problems=problems,
+    )

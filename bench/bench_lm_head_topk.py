@@ -39,11 +39,13 @@ from _common import (
     bandwidth_gbps,
     benchmark_synced,
     describe_device,
-    environment,
     finish_run,
     format_table,
     percent_of_peak,
+    results_payload,
+    run_configs,
     script_arg_parser,
+    start_run,
     synchronize,
     time_fn,
 )
@@ -262,44 +264,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    smoke = device.type != "cuda"
-    info = describe_device(device, peak_gbps=args.peak_gbs)
-    if smoke:
-        print(SMOKE_BANNER)
-    print(f"device: {info.name}; peak bandwidth: {info.peak_source}")
+    device, smoke, info = start_run(args)
     backends, notes = backends_for(device, compile_baseline=not args.no_compile and not smoke)
     print(f"timed: {', '.join(backends)}" + "".join(f"\nnot timed: {note}" for note in notes))
 
-    all_rows, problems = [], []
-    for config in configs(smoke=smoke, quick=args.quick):
-        rows, found = benchmark_config(config, device, info, backends, quick=args.quick)
-        all_rows += rows
-        problems += found
-        for row in rows:
-            shown = f"{row['median_us']:.1f} us" if "median_us" in row else row.get("error", "")
-            print(f"  {config}  {row['backend']:<9} {shown}", flush=True)
+    all_rows, problems = run_configs(
+        configs(smoke=smoke, quick=args.quick),
+        lambda config: benchmark_config(config, device, info, backends, quick=args.quick),
+    )
 
     print()
     print(format_table(all_rows, TABLE_COLUMNS))
     if smoke:
         print(SMOKE_BANNER)
-    payload = dict(
-        op="lm_head_topk",
-        smoke_test=smoke,
-        note=SMOKE_BANNER if smoke else "GPU run",
-        environment=environment(info),
-        timed_backends=backends,
-        not_timed=notes,
-        timing=dict(
-            quantiles=[0.5, 0.2, 0.8],
-            method=all_rows[0].get("timing_method") if all_rows else None,
-            l2_flushed=not smoke,
-        ),
+    payload = results_payload(
+        "lm_head_topk",
+        smoke,
+        info,
+        backends,
+        notes,
+        all_rows,
+        problems,
         bytes_formula="V*d*sizeof(W) (W read once), + M*V*4 when return_probs (probabilities written once)",
         inputs=f"hidden ~ N(0, 1), W ~ N(0, 9/d), seed 0; k={TOP_K}, temperature={TEMPERATURE}",
-        results=all_rows,
-        problems=problems,
     )
     return finish_run("lm_head_topk", args.out, smoke, info, payload, problems)
 

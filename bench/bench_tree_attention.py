@@ -50,11 +50,13 @@ from _common import (
     bandwidth_gbps,
     benchmark_synced,
     describe_device,
-    environment,
     finish_run,
     format_table,
     percent_of_peak,
+    results_payload,
+    run_configs,
     script_arg_parser,
+    start_run,
     synchronize,
     time_fn,
 )
@@ -409,25 +411,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    smoke = device.type != "cuda"
-    info = describe_device(device, peak_gbps=args.peak_gbs)
-    if smoke:
-        print(SMOKE_BANNER)
-    print(f"device: {info.name}; peak bandwidth: {info.peak_source}")
+    device, smoke, info = start_run(args)
     backends, notes = backends_for(device)
     notes += [f"{name}: skipped (--skip)" for name in args.skip if name in backends]
     backends = [name for name in backends if name not in args.skip]
     print(f"timed: {', '.join(backends)}" + "".join(f"\nnot timed: {note}" for note in notes))
 
-    all_rows, problems = [], []
-    for config in configs(smoke=smoke, quick=args.quick):
-        rows, found = benchmark_config(config, device, info, backends, quick=args.quick)
-        all_rows += rows
-        problems += found
-        for row in rows:
-            shown = f"{row['median_us']:.1f} us" if "median_us" in row else row.get("error", "")
-            print(f"  {config}  {row['backend']:<11} {shown}", flush=True)
+    all_rows, problems = run_configs(
+        configs(smoke=smoke, quick=args.quick),
+        lambda config: benchmark_config(config, device, info, backends, quick=args.quick),
+    )
 
     print()
     print(format_table(all_rows, TABLE_COLUMNS))
@@ -437,18 +430,14 @@ def main(argv=None) -> int:
     if smoke:
         print(SMOKE_BANNER)
 
-    payload = dict(
-        op=OP,
-        smoke_test=smoke,
-        note=SMOKE_BANNER if smoke else "GPU run",
-        environment=environment(info),
-        timed_backends=backends,
-        not_timed=notes,
-        timing=dict(
-            quantiles=[0.5, 0.2, 0.8],
-            method=next((r["timing_method"] for r in all_rows if "timing_method" in r), None),
-            l2_flushed=not smoke,
-        ),
+    payload = results_payload(
+        OP,
+        smoke,
+        info,
+        backends,
+        notes,
+        all_rows,
+        problems,
         bytes_formula="2*B*L*Hkv*D*sizeof(dtype): K and V read once",
         inputs=(
             f"randn q/k/v (seed {TREE_SEED}), one random valid tree per request "
@@ -456,8 +445,6 @@ def main(argv=None) -> int:
             "[(L-Q)*b//8 for b in range(B)] when B > 1 else None; tree packed once, untimed"
         ),
         goals=goals,
-        results=all_rows,
-        problems=problems,
     )
     return finish_run(OP, args.out, smoke, info, payload, problems)
 

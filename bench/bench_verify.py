@@ -42,10 +42,11 @@ from _common import (
     bandwidth_gbps,
     benchmark_synced,
     describe_device,
-    environment,
     finish_run,
     format_table,
     percent_of_peak,
+    results_payload,
+    run_configs,
     script_arg_parser,
     synchronize,
     time_fn,
@@ -427,40 +428,30 @@ def main(argv=None) -> int:
     backends, notes = backends_for(device, compile_baseline=args.compile and not smoke)
     print(f"timed: {', '.join(backends)}" + "".join(f"\nnot timed: {note}" for note in notes))
 
-    all_rows, problems = [], []
-    for config in configs(smoke=smoke, quick=args.quick):
-        rows, found = benchmark_config(config, device, info, backends, quick=args.quick)
-        all_rows += rows
-        problems += found
-        for row in rows:
-            shown = f"{row['median_us']:.1f} us" if "median_us" in row else row.get("error", "")
-            print(f"  {config}  {row['backend']:<9} {shown}", flush=True)
+    all_rows, problems = run_configs(
+        configs(smoke=smoke, quick=args.quick),
+        lambda config: benchmark_config(config, device, info, backends, quick=args.quick),
+    )
 
     print()
     print(format_table(all_rows, TABLE_COLUMNS))
     if smoke:
         print(SMOKE_BANNER)
 
-    payload = dict(
-        op="verify",
-        smoke_test=smoke,
-        note=SMOKE_BANNER if smoke else "GPU run",
-        environment=environment(info),
-        timed_backends=backends,
-        not_timed=notes,
-        timing=dict(
-            quantiles=[0.5, 0.2, 0.8],
-            method=all_rows[0].get("timing_method") if all_rows else None,
-            l2_flushed=not smoke,
-        ),
+    payload = results_payload(
+        "verify",
+        smoke,
+        info,
+        backends,
+        notes,
+        all_rows,
+        problems,
         bytes_formula="B*(k+1)*V*sizeof(logits dtype), doubled when draft_probs is given",
         inputs=(
             "crossspec_kernels.testing.make_case(B, k, V, with_probs, temperature=1.0, seed=0): chains, 70% of "
             f"drafts are the target's choice; verify seed={SEED}, sampled temperature={TEMPERATURE}"
         ),
         modes={name: description for name, (_, _, description) in MODES.items()},
-        results=all_rows,
-        problems=problems,
     )
     return finish_run("verify", args.out, smoke, info, payload, problems)
 
