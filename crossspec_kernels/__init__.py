@@ -7,6 +7,7 @@ loaded lazily by the ops that use it (see ``crossspec_kernels._ext``).
 from crossspec_kernels.ops import (
     adapter_lm_head_topk,
     compact_kv,
+    events_to_frames,
     lm_head_topk,
     pack_tree_mask,
     tree_attention,
@@ -20,6 +21,7 @@ __all__ = [
     "__version__",
     "adapter_lm_head_topk",
     "compact_kv",
+    "events_to_frames",
     "lm_head_topk",
     "pack_tree_mask",
     "tree_attention",

@@ -415,3 +415,105 @@ def lm_head_topk(
     sorted_logprobs, sorted_ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
     probs = torch.softmax(logits, dim=-1) if return_probs else None
     return sorted_logprobs[:, :k], sorted_ids[:, :k], probs
+
+
+# ----------------------------------------------------------------------------------------------
+# Event rasterization: events_to_frames
+# ----------------------------------------------------------------------------------------------
+
+EVENT_REPRESENTATIONS = ("eventgpt", "histogram", "voxel")
+# The voxel kernels accumulate in int64 fixed point with this many fractional bits: each event adds
+# round(w * 2**24) (its two time weights sum to exactly 2**24), so the sum does not depend on the
+# order of the atomics. The fp64 reference below is not quantized; ops/events_to_frames.py
+# documents the resulting tolerance.
+VOXEL_FIXED_POINT_BITS = 24
+
+
+def eventgpt_chunk_bounds(num_events: int, num_frames: int) -> list[tuple[int, int]]:
+    """[start, end) of each of the num_frames equal-count chunks: i*n // F to (i+1)*n // F."""
+    return [(i * num_events // num_frames, (i + 1) * num_events // num_frames) for i in range(num_frames)]
+
+
+def events_to_frames(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    p: torch.Tensor,
+    *,
+    sensor_size: tuple[int, int],
+    representation: str = "eventgpt",
+    num_frames: int = 5,
+    num_bins: int = 5,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """Rasterize events (x, y, t, p: [n] each, in range, t sorted) into one representation.
+
+    eventgpt  uint8 [num_frames, 3, H, W]: chunk i renders events [i*n // F, (i+1)*n // F) on white;
+              a pixel with a positive event in the chunk is red, else one with a negative event blue.
+    histogram int32 [2, H, W]: channel 0 counts negative events per pixel, channel 1 positive ones.
+    voxel     float32 [num_bins, H, W]: DSEC's VoxelGrid, computed in fp64 (see _voxel_grid).
+    """
+    height, width = sensor_size
+    x, y = x.long().cpu(), y.long().cpu()
+    positive = (p.cpu() > 0) if p.dtype != torch.bool else p.cpu()
+    if representation == "eventgpt":
+        frames = torch.full((num_frames, 3, height, width), 255, dtype=torch.uint8)
+        for frame, (start, end) in enumerate(eventgpt_chunk_bounds(x.numel(), num_frames)):
+            pos = positive[start:end]
+            has_positive = torch.zeros(height, width, dtype=torch.bool)
+            has_negative = torch.zeros(height, width, dtype=torch.bool)
+            has_positive[y[start:end][pos], x[start:end][pos]] = True
+            has_negative[y[start:end][~pos], x[start:end][~pos]] = True
+            red = has_positive
+            blue = has_negative & ~has_positive
+            frames[frame, :, red] = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None]
+            frames[frame, :, blue] = torch.tensor([0, 0, 255], dtype=torch.uint8)[:, None]
+        return frames.to(p.device)
+    if representation == "histogram":
+        counts = torch.zeros(2 * height * width, dtype=torch.int64)
+        counts.index_add_(0, (positive.long() * height + y) * width + x, torch.ones_like(x))
+        return counts.view(2, height, width).to(torch.int32).to(p.device)
+    if representation == "voxel":
+        grid = _voxel_grid(x, y, t.cpu(), positive, num_bins, height, width)
+        if normalize:
+            grid = _normalize_nonzero(grid)
+        return grid.to(torch.float32).to(p.device)
+    raise ValueError(
+        f"events_to_frames: representation must be one of {EVENT_REPRESENTATIONS}, got {representation!r}"
+    )
+
+
+def _voxel_grid(x, y, t, positive, num_bins: int, height: int, width: int) -> torch.Tensor:
+    """DSEC VoxelGrid in fp64: t_norm = (B - 1)(t - t0) / (t_last - t0) (0 when t_last == t0); an
+    event of value +1 (positive) or -1 adds value * (1 - frac) to bin floor(t_norm) and value * frac
+    to the next bin when it exists. x and y are integers: no spatial interpolation."""
+    grid = torch.zeros(num_bins * height * width, dtype=torch.float64)
+    if t.numel() == 0:
+        return grid.view(num_bins, height, width)
+    elapsed = (t - t[0]).double()
+    span = float(t[-1] - t[0])
+    t_norm = (num_bins - 1) * elapsed / span if span > 0 else torch.zeros_like(elapsed)
+    lower_bin = t_norm.floor()
+    frac = t_norm - lower_bin
+    value = torch.where(positive, 1.0, -1.0).double()
+    pixel = y * width + x
+    for bin_index, weight in ((lower_bin.long(), 1.0 - frac), (lower_bin.long() + 1, frac)):
+        inside = bin_index < num_bins
+        grid.index_add_(0, (bin_index * height * width + pixel)[inside], (value * weight)[inside])
+    return grid.view(num_bins, height, width)
+
+
+def _normalize_nonzero(grid: torch.Tensor) -> torch.Tensor:
+    """DSEC's normalization: the nonzero entries become (v - mean) / std, mean and (unbiased) std
+    over the nonzero entries. Left as is when there are fewer than two nonzero entries or std == 0
+    (DSEC subtracts the mean when std == 0; keeping the values keeps the grid informative)."""
+    nonzero = grid != 0
+    values = grid[nonzero]
+    if values.numel() < 2:
+        return grid
+    mean, std = values.mean(), values.std()
+    if not std > 0:
+        return grid
+    out = grid.clone()
+    out[nonzero] = (values - mean) / std
+    return out

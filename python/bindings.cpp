@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "events_to_frames.cuh"
 #include "verify.cuh"
 
 #ifndef CROSSSPEC_CUDA_ARCHS
@@ -83,6 +84,58 @@ void verify(std::uintptr_t target_logits, int logits_dtype, std::int64_t logits_
   check(status, "verify");
 }
 
+crossspec::IntDType as_int_dtype(int code, const char* argument) {
+  if (code < 0 || code > 4) {
+    throw py::value_error(std::string("crossspec_kernels._C.events_to_frames: ") + argument +
+                          " must be a dtype code 0 (int8), 1 (uint8/bool), 2 (int16), 3 (int32) or "
+                          "4 (int64), got " +
+                          std::to_string(code));
+  }
+  return static_cast<crossspec::IntDType>(code);
+}
+
+void events_to_frames(int representation, std::uintptr_t x, std::uintptr_t y, int coord_dtype,
+                      std::uintptr_t t, std::uintptr_t p, int polarity_dtype,
+                      std::int64_t num_events, std::int64_t height, std::int64_t width,
+                      std::int64_t num_slices, int fixed_point_bits, std::uintptr_t workspace,
+                      std::uintptr_t output, std::uintptr_t stream) {
+  if (representation < 0 || representation > 2) {
+    throw py::value_error(
+        "crossspec_kernels._C.events_to_frames: representation must be 0 (eventgpt), "
+        "1 (histogram) or 2 (voxel), got " +
+        std::to_string(representation));
+  }
+  const auto coords = as_int_dtype(coord_dtype, "coord_dtype");
+  if (coords == crossspec::IntDType::kInt8 || coords == crossspec::IntDType::kUInt8) {
+    throw py::value_error(
+        "crossspec_kernels._C.events_to_frames: coord_dtype must be 2 (int16), 3 (int32) or 4 "
+        "(int64), got " +
+        std::to_string(coord_dtype));
+  }
+  crossspec::EventsToFramesParams params{};
+  params.representation = static_cast<crossspec::EventRepresentation>(representation);
+  params.x = as_pointer<const void>(x);
+  params.y = as_pointer<const void>(y);
+  params.coord_dtype = coords;
+  params.t = as_pointer<const std::int64_t>(t);
+  params.p = as_pointer<const void>(p);
+  params.polarity_dtype = as_int_dtype(polarity_dtype, "polarity_dtype");
+  params.num_events = num_events;
+  params.height = height;
+  params.width = width;
+  params.num_slices = num_slices;
+  params.fixed_point_bits = fixed_point_bits;
+  params.workspace = as_pointer<void>(workspace);
+  params.output = as_pointer<void>(output);
+
+  cudaError_t status;
+  {
+    py::gil_scoped_release release;
+    status = crossspec::events_to_frames(params, as_pointer<CUstream_st>(stream));
+  }
+  check(status, "events_to_frames");
+}
+
 int device_count() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
@@ -115,6 +168,18 @@ PYBIND11_MODULE(_C, m) {
       "Every tensor argument is a device data_ptr as int (draft_probs=0 means none); dtype codes\n"
       "are 0=float32, 1=float16, 2=bfloat16; strides are in elements; `stream` is a cudaStream_t\n"
       "handle as int (0 = legacy default stream). Raises RuntimeError on a CUDA error.");
+
+  m.def("events_to_frames", &events_to_frames, py::kw_only(), py::arg("representation"),
+        py::arg("x"), py::arg("y"), py::arg("coord_dtype"), py::arg("t"), py::arg("p"),
+        py::arg("polarity_dtype"), py::arg("num_events"), py::arg("height"), py::arg("width"),
+        py::arg("num_slices"), py::arg("fixed_point_bits") = 24, py::arg("workspace") = 0,
+        py::arg("output"), py::arg("stream") = 0,
+        "Enqueue event rasterization (crossspec::events_to_frames) on `stream`.\n\n"
+        "representation: 0=eventgpt (output uint8 [F,3,H,W], workspace int32 [ceil(F*H*W/16)]),\n"
+        "1=histogram (output int32 [2,H,W], no workspace), 2=voxel (output float32 [B,H,W],\n"
+        "workspace int64 [B*H*W]); num_slices is F or B. Tensor arguments are device data_ptr\n"
+        "ints; dtype codes are 0=int8, 1=uint8/bool, 2=int16, 3=int32, 4=int64; `stream` is a\n"
+        "cudaStream_t handle as int. Raises RuntimeError on a CUDA error.");
 
   m.def("cuda_archs", &cuda_archs,
         "CUDA architectures this module was compiled for, e.g. '80;90a'.");

@@ -23,8 +23,12 @@ compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest "${cuda_te
   tail -n 20 | tee "$OUT/memcheck.log"
 compute-sanitizer --tool racecheck --error-exitcode 1 python -m pytest "${cuda_tests[@]}" 2>&1 |
   tail -n 20 | tee "$OUT/racecheck.log"
+events_tests=(tests/test_events_to_frames.py -q -k "gpu and cuda and not 1000000")
+compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest "${events_tests[@]}" 2>&1 |
+  tail -n 20 | tee "$OUT/memcheck_events.log"
 
 echo "== benchmarks"
 python bench/bench_verify.py --out "$OUT" 2>&1 | tee "$OUT/bench_verify.log"
 python bench/bench_tree_attention.py --out "$OUT" 2>&1 | tee "$OUT/bench_tree_attention.log"
 python bench/bench_lm_head_topk.py --out "$OUT" 2>&1 | tee "$OUT/bench_lm_head_topk.log"
+python bench/bench_events.py --out "$OUT" 2>&1 | tee "$OUT/bench_events.log"
