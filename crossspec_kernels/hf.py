@@ -59,19 +59,12 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from crossspec_kernels.ops.tree_attention import tree_attention as _tree_attention_op
 from crossspec_kernels.reference import tree_visibility
-
-# The attention op, behind one import point. The dispatching public op when it exists (triton on
-# CUDA, and under TRITON_INTERPRET=1; the reference otherwise), else the reference, which is the spec.
-try:
-    from crossspec_kernels.ops.tree_attention import tree_attention as _tree_attention_op
-except ModuleNotFoundError as _missing:  # pragma: no cover - only before ops/tree_attention.py lands
-    if _missing.name != "crossspec_kernels.ops.tree_attention":
-        raise
-    from crossspec_kernels.reference import tree_attention as _tree_attention_op
 
 __all__ = [
     "ATTENTION_NAME",
+    "attention_backend",
     "MAX_KERNEL_QUERIES",
     "crossspec_attention_forward",
     "crossspec_mask",
@@ -88,6 +81,9 @@ logger = logging.getLogger(__name__)
 
 _tree_mask_context: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "crossspec_tree_mask", default=None
+)
+_backend_context: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "crossspec_attention_backend", default=None
 )
 _settings = {"backend": None}
 
@@ -142,6 +138,20 @@ def tree_mask(mask: torch.Tensor | None) -> Iterator[None]:
         yield
     finally:
         _tree_mask_context.reset(token)
+
+
+@contextlib.contextmanager
+def attention_backend(backend: str | None) -> Iterator[None]:
+    """Within the block (this context only), crossspec attention runs on ``backend``.
+
+    Overrides register()'s choice. The engine runs the target's prefill in a worker thread on CPU
+    with "reference", so that only one thread at a time uses Triton's CPU interpreter.
+    """
+    token = _backend_context.set(backend)
+    try:
+        yield
+    finally:
+        _backend_context.reset(token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +308,8 @@ def crossspec_attention_forward(
         and not (module.training and dropout)
     )
     if use_kernel:
-        extra = {} if _settings["backend"] is None else {"backend": _settings["backend"]}
+        backend = _backend_context.get() or _settings["backend"]
+        extra = {} if backend is None else {"backend": backend}
         output = _tree_attention_op(query, key, value, tree, kv_start=kv_start, scale=scaling, **extra)
     else:
         output = _sdpa(
@@ -369,3 +380,22 @@ def _sdpa(query, key, value, dense, tree, kv_start, scaling, dropout, is_causal)
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=False, scale=scaling
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# generate() drop-in
+# ----------------------------------------------------------------------------------------------
+
+
+def __getattr__(name: str):
+    """``hf.custom_generate``: pass it as ``model.generate(..., custom_generate=hf.custom_generate,
+    drafter=..., drafter_inputs=...)``; see :mod:`crossspec_kernels.runtime.hf_generate`.
+
+    Resolved lazily (the runtime imports this module), and it must be the function itself:
+    transformers reads its signature to route the extra keywords.
+    """
+    if name == "custom_generate":
+        from crossspec_kernels.runtime.hf_generate import custom_generate
+
+        return custom_generate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

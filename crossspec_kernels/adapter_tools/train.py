@@ -242,10 +242,11 @@ def train_adapter(
             "eval_top5": metrics["top5"],
         }
         history.append(record)
-        print(
-            f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}  held-out loss "
-            f"{eval_loss:.4f}  top1 {metrics['top1']:.3f}  top5 {metrics['top5']:.3f}"
-        )
+        if show_progress:
+            print(
+                f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}  held-out loss "
+                f"{eval_loss:.4f}  top1 {metrics['top1']:.3f}  top5 {metrics['top5']:.3f}"
+            )
         if best is None or (metrics["top1"], -eval_loss) > (best["eval_top1"], -best["eval_loss"]):
             best = record
             adapter.save_pretrained(str(out_dir / "best"))

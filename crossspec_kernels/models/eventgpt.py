@@ -229,8 +229,8 @@ class EventGPTConfig(PretrainedConfig):
         return (frames * per_frame if self.include_frame_tokens else 0) + frames + per_frame
 
 
-def _clip_l14_224() -> CLIPVisionConfig:
-    # OpenAI CLIP ViT-L/14 at 224 px, the tower EventGPT uses.
+def clip_vit_l14_224_config() -> CLIPVisionConfig:
+    """OpenAI CLIP ViT-L/14 at 224 px: EventGPT's tower, and Video-LLaVA-7B's image/video towers."""
     return CLIPVisionConfig(
         hidden_size=1024,
         intermediate_size=4096,
@@ -272,7 +272,7 @@ def eventgpt_config(name: str, *, original_layout: bool = False, **overrides) ->
         )
         text = tiny_llama_config(head_dim=16)
     else:
-        vision = _clip_l14_224()
+        vision = clip_vit_l14_224_config()
         common = dict(
             vocab_size=32000,
             max_position_embeddings=4096 if name == "7b" else 2048,

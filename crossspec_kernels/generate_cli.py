@@ -1,0 +1,963 @@
+"""``crossspec generate``: cross-modal speculative decoding with real checkpoints from local folders.
+
+    crossspec generate --target DIR --drafter DIR [--adapter DIR] --video FILE --events FILE --question TEXT
+                       [--tree TOP_K,DEPTH,MAX_NODES | --gamma N] [--max-new-tokens N] [--temperature T]
+                       [--seed S] [--device auto|cpu|cuda[:i]] [--dtype auto|float32|float16|bfloat16]
+                       [--window-us T0,T1] [--sensor-size H,W] [--compare] [--json PATH]
+
+What it does, in order:
+
+1. Reads the clip (``.npy``/``.pt`` uint8 [T, H, W, 3] or [T, 3, H, W]; ``.mp4`` and other containers
+   when PyAV is installed) and samples the target's number of frames uniformly (first to last frame).
+2. Reads the events (DSEC ``.h5`` with an optional ``--window-us`` in file time, or an EventGPT
+   ``.npy``), rasterises them with ``events_to_frames(representation="eventgpt")`` into the drafter's
+   ``num_frames`` frames and preprocesses those to its CLIP image size (``preprocess_event_frames``).
+3. Loads the target (``VideoLlavaForConditionalGeneration``), the drafter (``EventGPTForCausalLM``) with
+   its tokenizer, and the adapter, and checks that the two tokenizers agree on every id both models
+   share.
+4. Builds the prompts: the target's ``"USER: <video>\\n{question} ASSISTANT:"`` and the drafter's
+   Vicuna-v1 prompt (``EventGPTPromptBuilder``), runs ``CrossSpecEngine.generate`` and prints the
+   answer and its statistics. ``--compare`` first runs ``target.generate`` greedily on the same inputs
+   (before the engine switches the target's attention) and reports whether the tokens are identical.
+
+Target preprocessing (``--processor``): ``hf`` uses the folder's ``VideoLlavaProcessor``, which needs
+pillow and torchvision. ``builtin`` does the same work in PyTorch: the video processor's settings are
+read from the folder (``video_preprocessor_config.json`` or ``preprocessor_config.json``: shortest-edge
+resize, center crop, rescale, normalize; ``processor_config.json``: patch size and extra tokens per
+frame), missing ones default to the model config's image and patch size and CLIP's mean/std; frames
+are resized like torchvision's tensor path (antialiased, bicubic unless the config says otherwise,
+rounded back to uint8), and ``<video>`` is expanded to frames x ((crop / patch)^2 + extra) placeholder
+tokens, as the processor does, before the target's tokenizer runs. The pixel values match the
+processor's up to resampling round-off, and the token ids exactly. ``auto`` (default) uses ``hf``
+and falls back to ``builtin`` (with a note on stderr) when the processor cannot be imported or the
+folder has no processor files.
+
+User errors (missing files, wrong types, unreadable checkpoints, mismatched vocabularies) end with one
+line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROG = "crossspec generate"
+BACKEND_CHOICES = ("auto", "cuda", "triton", "reference")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROCESSOR_CHOICES = ("auto", "hf", "builtin")
+ARRAY_VIDEO_EXTENSIONS = (".npy", ".pt", ".pth")
+CONTAINER_VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
+DSEC_EXTENSIONS = (".h5", ".hdf5")
+EVENTGPT_EXTENSIONS = (".npy",)
+DEFAULT_DSEC_SENSOR_SIZE = (480, 640)
+DEFAULT_GAMMA = 5
+TARGET_TEMPLATE = "USER: <video>\n{question} ASSISTANT:"
+# Files a Video-LLaVA folder keeps its processor settings in (any one of them means "has a processor").
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# PIL resampling codes in processor configs -> torch interpolation modes.
+_RESAMPLE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+_VOCAB_EXAMPLES = 5
+
+
+class GenerateError(SystemExit):
+    """A user error: ``str(error)`` is the one-line message, the exit status is 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument parsing
+# ----------------------------------------------------------------------------------------------
+
+
+def _ints(text: str, count: int, what: str) -> list[int]:
+    parts = text.split(",")
+    try:
+        values = [int(part.strip()) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) != count or len(parts) != count:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return values
+
+
+def parse_tree(text: str):
+    """``"TOP_K,DEPTH,MAX_NODES"`` -> TreeDraft (its own range checks name the bad field)."""
+    from crossspec_kernels.runtime.draft_config import TreeDraft
+
+    top_k, depth, max_nodes = _ints(text, 3, "TOP_K,DEPTH,MAX_NODES (three ints, e.g. 4,5,32)")
+    try:
+        return TreeDraft(top_k=top_k, depth=depth, max_nodes=max_nodes)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def parse_gamma(text: str):
+    from crossspec_kernels.runtime.draft_config import ChainDraft
+
+    (gamma,) = _ints(text, 1, "an int (draft tokens per round)")
+    try:
+        return ChainDraft(gamma=gamma)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    t0, t1 = _ints(text, 2, "T0,T1 (two ints, microseconds)")
+    if t0 >= t1:
+        raise argparse.ArgumentTypeError(f"the window [T0, T1) needs T0 < T1, got T0={t0}, T1={t1}")
+    return t0, t1
+
+
+def parse_sensor_size(text: str) -> tuple[int, int]:
+    height, width = _ints(text, 2, "H,W (two positive ints)")
+    if height <= 0 or width <= 0:
+        raise argparse.ArgumentTypeError(f"H and W must be positive, got {height},{width}")
+    return height, width
+
+
+def _positive_int(text: str) -> int:
+    (value,) = _ints(text, 1, "a positive int")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite float >= 0, got {text!r}")
+    return value
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``generate`` to a subparsers object; the parsed namespace runs with ``args.func(args)``."""
+    parser = subparsers.add_parser(
+        "generate",
+        help="speculative generation with a Video-LLaVA target and an EventGPT drafter (local folders)",
+        description="Answer a question about a clip with a Video-LLaVA target, drafting with an "
+        "EventGPT-style drafter that reads the clip's events; greedy output is the target's own.",
+    )
+    models = parser.add_argument_group("models (local folders, nothing is downloaded)")
+    models.add_argument("--target", required=True, metavar="DIR", help="Video-LLaVA folder (from_pretrained)")
+    models.add_argument(
+        "--drafter", required=True, metavar="DIR", help="EventGPTForCausalLM folder with its tokenizer"
+    )
+    models.add_argument("--adapter", metavar="DIR", help="adapter folder (default: identity)")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument(
+        "--video",
+        required=True,
+        metavar="FILE",
+        help="clip: .npy/.pt uint8 [T, H, W, 3] or [T, 3, H, W]; .mp4 etc. with PyAV installed",
+    )
+    inputs.add_argument("--events", required=True, metavar="FILE", help="DSEC events .h5 or EventGPT .npy")
+    inputs.add_argument("--question", required=True, help="the question about the clip")
+    inputs.add_argument(
+        "--window-us",
+        type=parse_window,
+        metavar="T0,T1",
+        help="events with T0 <= t < T1 (µs, the file's time base; default: all)",
+    )
+    inputs.add_argument(
+        "--sensor-size",
+        type=parse_sensor_size,
+        metavar="H,W",
+        help="event sensor (height, width); default 480,640 for DSEC .h5, inferred for .npy",
+    )
+    drafting = parser.add_mutually_exclusive_group()
+    drafting.add_argument(
+        "--tree", type=parse_tree, metavar="TOP_K,DEPTH,MAX_NODES", help="draft a dynamic tree"
+    )
+    drafting.add_argument(
+        "--gamma", type=parse_gamma, metavar="N", help=f"draft a chain of N tokens (default {DEFAULT_GAMMA})"
+    )
+    run = parser.add_argument_group("generation")
+    run.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="default 64")
+    run.add_argument(
+        "--temperature", type=_temperature, default=0.0, metavar="T", help="0 = greedy (default)"
+    )
+    run.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    run.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
+    run.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="model dtype (default: float16 on CUDA, float32 on CPU)",
+    )
+    run.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="force the kernels' backend (default: dispatch)",
+    )
+    run.add_argument(
+        "--processor",
+        choices=PROCESSOR_CHOICES,
+        default="auto",
+        help="target preprocessing: hf (VideoLlavaProcessor), builtin (PyTorch), auto (hf if it loads)",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--compare", action="store_true", help="also run target.generate greedily: same tokens? timings"
+    )
+    out.add_argument("--json", metavar="PATH", help="write the statistics and texts to this JSON file")
+    out.add_argument("--profile", metavar="PATH", help="write a torch profiler trace of the engine run")
+    parser.set_defaults(func=run_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m crossspec_kernels.generate_cli generate ...`` (the same as ``crossspec generate``)."""
+    parser = argparse.ArgumentParser(prog="crossspec")
+    add_generate_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: video and events
+# ----------------------------------------------------------------------------------------------
+
+
+def _existing_file(path: str, what: str) -> Path:
+    file = Path(path)
+    if not file.exists():
+        raise GenerateError(f"{what} {path!r} does not exist")
+    if not file.is_file():
+        raise GenerateError(f"{what} {path!r} is not a file")
+    return file
+
+
+def _existing_dir(path: str, what: str) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise GenerateError(f"{what} folder {path!r} does not exist")
+    if not folder.is_dir():
+        raise GenerateError(f"{what} {path!r} is not a folder")
+    return folder
+
+
+def _frames_hwc(array, path: Path) -> np.ndarray:
+    """A uint8 [T, H, W, 3] or [T, 3, H, W] array/tensor -> contiguous uint8 [T, H, W, 3]."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    if not isinstance(array, np.ndarray):
+        raise GenerateError(f"--video {path}: expected an array or tensor, got {type(array).__name__}")
+    if array.dtype != np.uint8:
+        raise GenerateError(f"--video {path}: frames must be uint8 (0..255), got dtype {array.dtype}")
+    if array.ndim != 4 or 3 not in (array.shape[-1], array.shape[1]):
+        raise GenerateError(
+            f"--video {path}: expected frames [T, H, W, 3] or [T, 3, H, W], got shape {tuple(array.shape)}"
+        )
+    if array.shape[-1] != 3:  # channels first
+        array = array.transpose(0, 2, 3, 1)
+    if 0 in array.shape:
+        raise GenerateError(f"--video {path}: the clip is empty, shape {tuple(array.shape)}")
+    return np.ascontiguousarray(array)
+
+
+def sample_frame_indices(total: int, num_frames: int) -> list[int]:
+    """``num_frames`` indices spread uniformly over [0, total) from the first to the last frame
+    (repeats when the clip has fewer frames)."""
+    return [int(round(i)) for i in np.linspace(0, total - 1, num_frames)]
+
+
+def _decode_with_av(path: Path, num_frames: int) -> np.ndarray:
+    try:
+        import av
+    except ImportError as error:
+        raise GenerateError(
+            f"--video {path}: reading {path.suffix} files needs PyAV (pip install av); or convert the clip "
+            "to a uint8 .npy [T, H, W, 3]"
+        ) from error
+
+    def decode(wanted: set[int] | None) -> tuple[dict[int, np.ndarray], int]:
+        """Frames whose index is in ``wanted`` (all when None), and how many frames were decoded."""
+        kept: dict[int, np.ndarray] = {}
+        count = 0
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise GenerateError(f"--video {path}: the file has no video stream")
+            stream = container.streams.video[0]
+            for index, frame in enumerate(container.decode(stream)):
+                count = index + 1
+                if wanted is None or index in wanted:
+                    kept[index] = frame.to_ndarray(format="rgb24")
+                if wanted is not None and index >= max(wanted):
+                    break
+        return kept, count
+
+    try:
+        with av.open(str(path)) as container:
+            streams = container.streams.video
+            total = int(streams[0].frames or 0) if streams else 0
+        indices = sample_frame_indices(total, num_frames) if total > 0 else []
+        kept, count = decode(set(indices)) if indices else ({}, 0)
+        if not indices or len(kept) < len(set(indices)):  # no frame count, or the header over-counted
+            kept, count = decode(None)
+            indices = sample_frame_indices(count, num_frames) if count else []
+    except GenerateError:
+        raise
+    except Exception as error:  # PyAV raises its own error types (av.error.*) for unreadable files
+        raise GenerateError(
+            f"--video {path}: cannot decode it with PyAV ({type(error).__name__}: {error})"
+        ) from error
+    if not kept:
+        raise GenerateError(f"--video {path}: no frames could be decoded")
+    return np.stack([kept[i] for i in indices])
+
+
+def load_video(path: str, num_frames: int) -> tuple[np.ndarray, int]:
+    """The clip's ``num_frames`` uniformly sampled frames, uint8 [num_frames, H, W, 3], and its length."""
+    file = _existing_file(path, "--video")
+    suffix = file.suffix.lower()
+    if suffix in CONTAINER_VIDEO_EXTENSIONS:
+        frames = _decode_with_av(file, num_frames)
+        return frames, -1
+    if suffix not in ARRAY_VIDEO_EXTENSIONS:
+        raise GenerateError(
+            f"--video {path}: unknown file type {file.suffix!r}; use .npy or .pt (uint8 [T, H, W, 3] or "
+            f"[T, 3, H, W]), or a video file ({', '.join(CONTAINER_VIDEO_EXTENSIONS)}) with PyAV installed"
+        )
+    try:
+        if suffix == ".npy":
+            array = np.load(file, allow_pickle=False)
+        else:
+            array = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # numpy/torch raise many types for a file that is not theirs
+        raise GenerateError(
+            f"--video {path}: cannot read it as {suffix} ({type(error).__name__}: {error})"
+        ) from error
+    clip = _frames_hwc(array, file)
+    total = clip.shape[0]
+    return clip[sample_frame_indices(total, num_frames)], total
+
+
+def load_events(path: str, window: tuple[int, int] | None, sensor_size: tuple[int, int] | None):
+    """An EventStream from a DSEC ``.h5`` or EventGPT ``.npy`` file, cut to ``window`` if given."""
+    from crossspec_kernels.events import DSECEventFile, load_eventgpt_npy
+
+    file = _existing_file(path, "--events")
+    suffix = file.suffix.lower()
+    try:
+        if suffix in DSEC_EXTENSIONS:
+            with DSECEventFile(file, sensor_size or DEFAULT_DSEC_SENSOR_SIZE) as events:
+                t0, t1 = window if window is not None else events.time_range
+                return events.read(t0, t1), (t0, t1)
+        if suffix in EVENTGPT_EXTENSIONS:
+            stream = load_eventgpt_npy(file, sensor_size)
+            if window is not None:
+                return stream.slice_time(*window), window
+            span = (int(stream.t[0]), int(stream.t[-1]) + 1) if len(stream) else (0, 0)
+            return stream, span
+    except (ImportError, OSError, ValueError, TypeError, KeyError) as error:
+        raise GenerateError(f"--events {path}: {error}") from error
+    raise GenerateError(
+        f"--events {path}: unknown file type {file.suffix!r}; use a DSEC events file "
+        f"({', '.join(DSEC_EXTENSIONS)}) or an EventGPT .npy"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (cuda if available), cpu or cuda[:i], checked against what torch sees."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise GenerateError(f"--device {name!r} is not a device ({error})") from error
+    if device.type not in ("cpu", "cuda"):
+        raise GenerateError(f"--device must be auto, cpu or cuda[:i], got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GenerateError(f"--device {name} asked for, but torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise GenerateError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def _model_type(folder: Path, what: str) -> str:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise GenerateError(f"{what} {folder}: no config.json; expected a save_pretrained model folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GenerateError(f"{what} {folder}: config.json is not readable JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise GenerateError(f"{what} {folder}: config.json must hold a JSON object")
+    return str(config.get("model_type"))
+
+
+def _from_pretrained(cls, folder: Path, what: str, dtype: torch.dtype, device: torch.device):
+    try:
+        model = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    except Exception as error:  # transformers/safetensors raise many types for a bad checkpoint
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise GenerateError(
+            f"{what} {folder}: cannot load the checkpoint ({type(error).__name__}: {first_line})"
+        ) from error
+    return model.to(device).eval()
+
+
+def load_target(folder: Path, dtype: torch.dtype, device: torch.device):
+    from transformers import VideoLlavaForConditionalGeneration
+
+    model_type = _model_type(folder, "--target")
+    if model_type != "video_llava":
+        raise GenerateError(
+            f"--target {folder}: holds a {model_type!r} model; expected a Video-LLaVA folder "
+            "(model_type 'video_llava', VideoLlavaForConditionalGeneration)"
+        )
+    return _from_pretrained(VideoLlavaForConditionalGeneration, folder, "--target", dtype, device)
+
+
+def load_drafter(folder: Path, dtype: torch.dtype, device: torch.device):
+    from crossspec_kernels.models.eventgpt import EventGPTConfig, EventGPTForCausalLM
+
+    model_type = _model_type(folder, "--drafter")
+    if model_type != EventGPTConfig.model_type:
+        raise GenerateError(
+            f"--drafter {folder}: holds a {model_type!r} model; expected an EventGPTForCausalLM folder "
+            f"(model_type {EventGPTConfig.model_type!r}; convert an original EventGPT checkpoint with "
+            "crossspec_kernels.models.eventgpt_convert, then save_pretrained)"
+        )
+    return _from_pretrained(EventGPTForCausalLM, folder, "--drafter", dtype, device)
+
+
+def load_tokenizer(folder: Path, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # missing files, unknown tokenizer class, ...: all one user error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise GenerateError(
+            f"{what} {folder}: cannot load a tokenizer from it ({type(error).__name__}: {first_line})"
+        ) from error
+
+
+def check_vocabularies(target_tokenizer, drafter_tokenizer, target_vocab: int, drafter_vocab: int) -> int:
+    """The tokenizers must map every id below min(target_vocab, drafter_vocab) to the same token.
+
+    Returns the number of ids compared; raises GenerateError naming a few differing ids otherwise.
+    """
+    shared = min(target_vocab, drafter_vocab)
+    target_tokens = {index: token for token, index in target_tokenizer.get_vocab().items() if index < shared}
+    drafter_tokens = {
+        index: token for token, index in drafter_tokenizer.get_vocab().items() if index < shared
+    }
+    differing = sorted(
+        i for i in set(target_tokens) | set(drafter_tokens) if target_tokens.get(i) != drafter_tokens.get(i)
+    )
+    if differing:
+        examples = ", ".join(
+            f"id {i}: target {target_tokens.get(i)!r} vs drafter {drafter_tokens.get(i)!r}"
+            for i in differing[:_VOCAB_EXAMPLES]
+        )
+        raise GenerateError(
+            f"the target's and the drafter's tokenizers disagree on {len(differing)} of the {shared} ids the "
+            f"models share ({examples}); drafts would be scored as other words: use a drafter trained on "
+            "the target's vocabulary"
+        )
+    return shared
+
+
+def load_adapter_checked(folder: str, drafter, target, dtype: torch.dtype, device: torch.device):
+    from crossspec_kernels.models.adapters import load_adapter
+
+    d_draft = int(drafter.config.get_text_config().hidden_size)
+    d_target = int(target.config.get_text_config().hidden_size)
+    if folder is None:
+        if d_draft != d_target:
+            raise GenerateError(
+                f"the drafter's hidden size is {d_draft} and the target's {d_target}: pass --adapter DIR "
+                "(an adapter mapping drafter hidden states into the target's, see `crossspec adapter train`)"
+            )
+        return None
+    path = _existing_dir(folder, "--adapter")
+    try:
+        adapter = load_adapter(path, device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError) as error:
+        raise GenerateError(f"--adapter {folder}: {error}") from error
+    if (adapter.config.d_draft, adapter.config.d_target) != (d_draft, d_target):
+        raise GenerateError(
+            f"--adapter {folder}: maps hidden size {adapter.config.d_draft} -> {adapter.config.d_target}, "
+            f"but the drafter's hidden size is {d_draft} and the target's {d_target}"
+        )
+    return adapter.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Target preprocessing
+# ----------------------------------------------------------------------------------------------
+
+
+def target_num_frames(target) -> tuple[int, int]:
+    """(frames the target reads, video tokens per frame), from its config."""
+    config = target.config
+    vision = config.vision_config
+    per_frame = (vision.image_size // vision.patch_size) ** 2 + 1  # the video tower keeps CLS
+    video_tokens = getattr(config, "video_seq_length", None)
+    if isinstance(video_tokens, int) and video_tokens > 0 and video_tokens % per_frame == 0:
+        return video_tokens // per_frame, per_frame
+    return 8, per_frame  # Video-LLaVA's frame count
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GenerateError(f"--target: {path} is not readable JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise GenerateError(f"--target: {path} must hold a JSON object")
+    return data
+
+
+def _size_pair(value, what: str, path) -> tuple[int, int] | int:
+    """A processor size entry: {"height", "width"} -> (h, w); {"shortest_edge"} or an int -> int."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, dict):
+        if "height" in value and "width" in value:
+            return int(value["height"]), int(value["width"])
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+    raise GenerateError(f"--target: {path}: unsupported {what} {value!r}")
+
+
+class BuiltinVideoProcessor:
+    """What ``VideoLlavaProcessor(text, videos=...)`` computes, in PyTorch (see the module docstring)."""
+
+    def __init__(self, folder: Path, target, tokenizer) -> None:
+        vision = target.config.vision_config
+        settings: dict = {}
+        source = None
+        for name in ("preprocessor_config.json", "video_preprocessor_config.json"):  # the later wins
+            if (folder / name).is_file():
+                settings.update(_read_json(folder / name))
+                source = folder / name
+        processor = (
+            _read_json(folder / "processor_config.json")
+            if (folder / "processor_config.json").is_file()
+            else {}
+        )
+        if isinstance(processor.get("video_processor"), dict):  # transformers 5 nests the sub-configs
+            settings.update(processor["video_processor"])
+        self.source = str(source) if source is not None else "model config (no processor files)"
+        self.do_resize = bool(settings.get("do_resize", True))
+        self.size = _size_pair(settings.get("size", {"shortest_edge": vision.image_size}), "size", source)
+        self.do_center_crop = bool(settings.get("do_center_crop", True))
+        crop = _size_pair(settings.get("crop_size", vision.image_size), "crop_size", source)
+        self.crop_size = (crop, crop) if isinstance(crop, int) else crop
+        resample = settings.get("resample", 3)
+        if resample not in _RESAMPLE_MODES:
+            raise GenerateError(f"--target: {source}: unsupported resample {resample!r} (0, 2 or 3)")
+        self.mode = _RESAMPLE_MODES[resample]
+        self.do_rescale = bool(settings.get("do_rescale", True))
+        self.rescale_factor = float(settings.get("rescale_factor", 1 / 255))
+        self.do_normalize = bool(settings.get("do_normalize", True))
+        self.mean = tuple(settings.get("image_mean", CLIP_MEAN))
+        self.std = tuple(settings.get("image_std", CLIP_STD))
+        self.patch_size = int(processor.get("patch_size", vision.patch_size))
+        self.extra_tokens = int(processor.get("num_additional_image_tokens", 1))
+        self.video_token = processor.get("video_token", getattr(tokenizer, "video_token", "<video>"))
+        self.tokenizer = tokenizer
+        if tokenizer.convert_tokens_to_ids(self.video_token) != target.config.video_token_index:
+            raise GenerateError(
+                f"--target: the tokenizer maps {self.video_token!r} to id "
+                f"{tokenizer.convert_tokens_to_ids(self.video_token)}, the model expects "
+                f"{target.config.video_token_index} (config.video_token_index)"
+            )
+
+    def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> float32 [T, 3, crop_h, crop_w]."""
+        video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+        height, width = video.shape[-2:]
+        if self.do_resize:
+            if isinstance(self.size, tuple):
+                new_size = self.size
+            else:
+                short, long = (height, width) if height <= width else (width, height)
+                new_long = int(self.size * long / short)
+                new_size = (self.size, new_long) if height <= width else (new_long, self.size)
+            if tuple(new_size) != (height, width):
+                antialias = self.mode in ("bilinear", "bicubic")
+                video = torch.nn.functional.interpolate(
+                    video, size=new_size, mode=self.mode, antialias=antialias, align_corners=None
+                )
+                video = video.round().clamp(0, 255)  # torchvision's uint8 path rounds back to uint8
+        if self.do_center_crop:
+            crop_h, crop_w = self.crop_size
+            height, width = video.shape[-2:]
+            if crop_h > height or crop_w > width:
+                pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+                video = torch.nn.functional.pad(
+                    video, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+                )
+                height, width = video.shape[-2:]
+            top, left = int(round((height - crop_h) / 2.0)), int(round((width - crop_w) / 2.0))
+            video = video[:, :, top : top + crop_h, left : left + crop_w]
+        if self.do_rescale:
+            video = video * self.rescale_factor
+        if self.do_normalize:
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+            std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+            video = (video - mean) / std
+        return video.contiguous()
+
+    def __call__(self, text: str, frames: np.ndarray) -> dict:
+        pixels = self.pixel_values(frames)
+        height, width = pixels.shape[-2:]
+        per_frame = (height // self.patch_size) * (width // self.patch_size) + self.extra_tokens
+        text = text.replace(self.video_token, self.video_token * (per_frame * pixels.shape[0]))
+        encoded = self.tokenizer(text, return_tensors="pt")
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "pixel_values_videos": pixels[None],
+        }
+
+
+def missing_processor_dependencies() -> list[str]:
+    """The modules VideoLlavaProcessor needs (its image and video processors) that are not installed."""
+    return [name for name in ("PIL", "torchvision") if importlib.util.find_spec(name) is None]
+
+
+def target_preprocessor(mode: str, folder: Path, target):
+    """(callable(text, frames) -> target inputs, its tokenizer, a description, a note or None)."""
+    has_processor_files = any((folder / name).is_file() for name in PROCESSOR_FILES)
+    note = None
+    missing = missing_processor_dependencies()
+    if mode == "hf" and missing:
+        raise GenerateError(
+            f"--processor hf: VideoLlavaProcessor cannot be imported here (it needs pillow and torchvision; "
+            f"missing: {', '.join(missing)}); install them, or use --processor builtin"
+        )
+    if mode == "auto" and missing:
+        note = (
+            f"VideoLlavaProcessor needs pillow and torchvision (missing here: {', '.join(missing)}): using "
+            "the built-in PyTorch preprocessing (same settings, same token ids)"
+        )
+    elif mode == "auto" and not has_processor_files:
+        note = f"--target {folder} has no processor files: using the built-in preprocessing with the model config"
+    elif mode in ("auto", "hf"):
+        from transformers import VideoLlavaProcessor
+
+        try:
+            processor = VideoLlavaProcessor.from_pretrained(str(folder), local_files_only=True)
+        except Exception as error:  # missing or broken processor files
+            raise GenerateError(
+                f"--target {folder}: cannot load its VideoLlavaProcessor ({type(error).__name__}: "
+                f"{_first_line(error)}); --processor builtin does without it"
+            ) from error
+
+        def run(text: str, frames: np.ndarray) -> dict:
+            encoded = processor(text=text, videos=frames, return_tensors="pt")
+            return {key: encoded[key] for key in ("input_ids", "attention_mask", "pixel_values_videos")}
+
+        return run, processor.tokenizer, "VideoLlavaProcessor", None
+    tokenizer = load_tokenizer(folder, "--target")
+    builtin = BuiltinVideoProcessor(folder, target, tokenizer)
+    return builtin, tokenizer, f"built-in PyTorch preprocessing ({builtin.source})", note
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return value
+
+
+def format_stats(stats: dict, baseline: dict | None) -> str:
+    rows = [
+        ("acceptance rate", f"{stats['acceptance_rate']:.3f}"),
+        ("mean accepted length", f"{stats['mean_accepted_length']:.2f} draft tokens per round"),
+        ("tokens per round", f"{stats['tokens_per_round']:.2f}"),
+        ("rounds", str(stats["rounds"])),
+        (
+            "free tokens",
+            f"{stats['free_tokens']} drafted during the target's prefill, "
+            f"{stats['free_tokens_accepted']:.0f} accepted",
+        ),  # fmt: skip
+        ("TTFT", f"{stats['ttft_ms']:.1f} ms"),
+        ("tokens/s", f"{stats['tokens_per_s']:.1f}"),
+        ("total", f"{stats['total_ms']:.1f} ms"),
+    ]
+    if stats.get("fallback"):
+        rows.append(("drafter fallback", str(stats.get("fallback_reason"))))
+    for stage, ms in stats.get("stage_ms", {}).items():
+        rows.append((f"  {stage}", f"{ms:.1f} ms"))
+    if baseline is not None:
+        rows += [
+            ("target.generate", f"{baseline['total_ms']:.1f} ms, {baseline['tokens_per_s']:.1f} tokens/s"),
+            (
+                "speedup",
+                f"{baseline['total_ms'] / stats['total_ms']:.2f}x" if stats["total_ms"] > 0 else "n/a",
+            ),
+            ("identical tokens", baseline["identical_text"]),
+        ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _run_baseline(target, target_inputs, max_new_tokens, eos, device) -> tuple[torch.Tensor, float]:
+    prompt_len = target_inputs["input_ids"].shape[1]
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = target.generate(
+            **target_inputs,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=None,
+        )
+    _sync(device)
+    return output[0, prompt_len:].cpu(), (time.perf_counter() - start) * 1e3
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Run a parsed ``generate`` command; a user error prints one line on stderr and exits with 2."""
+    try:
+        return _run(args)
+    except GenerateError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    from crossspec_kernels.models.eventgpt import EventGPTPromptBuilder, preprocess_event_frames
+    from crossspec_kernels.ops.events_to_frames import events_to_frames
+    from crossspec_kernels.runtime import ChainDraft, CrossSpecEngine
+
+    # Cheap checks first: every path, before any model is read.
+    target_dir = _existing_dir(args.target, "--target")
+    drafter_dir = _existing_dir(args.drafter, "--drafter")
+    if args.adapter is not None:
+        _existing_dir(args.adapter, "--adapter")
+    _existing_file(args.video, "--video")
+    _existing_file(args.events, "--events")
+    if not args.question.strip():
+        raise GenerateError("--question is empty")
+    if args.json:
+        json_parent = Path(args.json).resolve().parent
+        if not json_parent.is_dir():
+            raise GenerateError(f"--json {args.json}: folder {json_parent} does not exist")
+    device = resolve_device(args.device)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype != "auto"
+        else (torch.float16 if device.type == "cuda" else torch.float32)
+    )
+    backend = None if args.backend == "auto" else args.backend
+    draft = args.tree or args.gamma or ChainDraft(DEFAULT_GAMMA)
+    torch.manual_seed(args.seed)
+
+    events, window = load_events(args.events, args.window_us, args.sensor_size)
+    if len(events) == 0:
+        raise GenerateError(f"--events {args.events}: no events in the window [{window[0]}, {window[1]}) µs")
+
+    target = load_target(target_dir, dtype, device)
+    drafter = load_drafter(drafter_dir, dtype, device)
+    num_frames, _ = target_num_frames(target)
+    video, clip_length = load_video(args.video, num_frames)
+    preprocess, target_tokenizer, preprocess_name, note = target_preprocessor(
+        args.processor, target_dir, target
+    )
+    if note:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+    drafter_tokenizer = load_tokenizer(drafter_dir, "--drafter")
+    shared = check_vocabularies(
+        target_tokenizer,
+        drafter_tokenizer,
+        int(target.config.get_text_config().vocab_size),
+        int(drafter.config.text_config.vocab_size),
+    )
+    adapter = load_adapter_checked(args.adapter, drafter, target, dtype, device)
+
+    # Inputs.
+    target_inputs = preprocess(TARGET_TEMPLATE.format(question=args.question), video)
+    video_tokens = int((target_inputs["input_ids"] == target.config.video_token_index).sum())
+    expected_tokens = int(target_inputs["pixel_values_videos"].shape[1]) * target_num_frames(target)[1]
+    if video_tokens != expected_tokens:
+        raise GenerateError(
+            f"--target {target_dir}: the processor expands <video> to {video_tokens} tokens, but the model "
+            f"encodes {expected_tokens} (patch size or extra tokens per frame disagree with the model config)"
+        )
+    target_inputs = {
+        key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        for key, value in target_inputs.items()
+    }
+    drafter_config = drafter.config
+    kernel_backend = None if backend == "cuda" else backend  # events_to_frames has its own CUDA kernel
+    events_on_device = events.to(device)
+    raster = events_to_frames(
+        events_on_device.x,
+        events_on_device.y,
+        events_on_device.t,
+        events_on_device.p,
+        sensor_size=events.sensor_size,
+        representation="eventgpt",
+        num_frames=drafter_config.num_frames,
+        backend=kernel_backend,
+    )
+    event_pixels = preprocess_event_frames(raster, drafter_config.vision_config.image_size)
+    builder = EventGPTPromptBuilder(drafter_config, tokenizer=drafter_tokenizer)
+    drafter_ids = builder(args.question)[None].to(device)
+    drafter_inputs = {
+        "input_ids": drafter_ids,
+        "attention_mask": torch.ones_like(drafter_ids),
+        "event_pixel_values": event_pixels[None].to(device=device, dtype=dtype),
+    }
+
+    print(
+        f"{PROG}: target {target_dir} ({preprocess_name}), drafter {drafter_dir}, adapter "
+        f"{args.adapter or 'identity'}; {_describe_draft(draft)}; {device} {str(dtype).replace('torch.', '')}, "
+        f"backend {args.backend}"
+    )
+    clip = f"{clip_length} frames" if clip_length >= 0 else "decoded with PyAV"
+    print(
+        f"video {args.video} ({clip}) -> {num_frames} frames, {video_tokens} video tokens, prompt "
+        f"{target_inputs['input_ids'].shape[1]} tokens; events {args.events}: {len(events)} events in "
+        f"[{window[0]}, {window[1]}) µs, sensor {events.sensor_size[0]}x{events.sensor_size[1]} -> "
+        f"{drafter_config.num_frames} frames, drafter prompt {drafter_ids.shape[1]} tokens; vocabularies agree "
+        f"on {shared} ids"
+    )
+
+    eos = getattr(target.generation_config, "eos_token_id", None)
+    baseline = None
+    if args.compare:  # before the engine switches the target's attention to "crossspec"
+        baseline_tokens, baseline_ms = _run_baseline(target, target_inputs, args.max_new_tokens, eos, device)
+
+    try:
+        engine = CrossSpecEngine(target, drafter, adapter, draft=draft, backend=backend)
+        _sync(device)
+        output = engine.generate(
+            target_inputs,
+            drafter_inputs,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            profile=args.profile or False,
+        )
+    except ValueError as error:
+        raise GenerateError(f"the engine refused the inputs: {error}") from error
+    tokens = output.sequences[0].cpu()
+    answer = target_tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    stats = output.stats
+
+    if args.compare:
+        identical = torch.equal(baseline_tokens, tokens)
+        if identical:
+            verdict = f"yes ({len(tokens)} tokens)"
+        else:
+            common = min(len(baseline_tokens), len(tokens))
+            differ = (baseline_tokens[:common] != tokens[:common]).nonzero()
+            first = int(differ[0]) if len(differ) else common
+            verdict = (
+                f"no: first difference at token {first} ({len(baseline_tokens)} vs {len(tokens)} tokens)"
+            )
+            if args.temperature > 0:
+                verdict += "; expected when sampling (the baseline is greedy)"
+        baseline = {
+            "total_ms": baseline_ms,
+            "tokens_per_s": len(baseline_tokens) / (baseline_ms / 1e3) if baseline_ms > 0 else math.inf,
+            "identical": identical,
+            "identical_text": verdict,
+            "tokens": [int(t) for t in baseline_tokens],
+            "answer": target_tokenizer.decode(baseline_tokens, skip_special_tokens=True).strip(),
+        }
+
+    print(f"\nQ: {args.question}\nA: {answer}\n")
+    print(format_stats(stats, baseline))
+    if baseline is not None and not baseline["identical"]:
+        print(f"target.generate answered: {baseline['answer']}")
+
+    if args.json:
+        payload = {
+            "question": args.question,
+            "answer": answer,
+            "tokens": [int(t) for t in tokens],
+            "stats": _finite(stats),
+            "compare": _finite(baseline),
+            "settings": {
+                "target": str(target_dir),
+                "drafter": str(drafter_dir),
+                "adapter": args.adapter,
+                "video": args.video,
+                "events": args.events,
+                "window_us": list(window),
+                "sensor_size": list(events.sensor_size),
+                "draft": _describe_draft(draft),
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+                "seed": args.seed,
+                "device": str(device),
+                "dtype": str(dtype).replace("torch.", ""),
+                "backend": args.backend,
+                "preprocessing": preprocess_name,
+                "num_video_frames": num_frames,
+                "video_tokens": video_tokens,
+            },
+        }
+        try:
+            with open(args.json, "w") as file:
+                json.dump(payload, file, indent=2)
+                file.write("\n")
+        except OSError as error:
+            raise GenerateError(f"--json {args.json}: cannot write it ({error})") from error
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _describe_draft(draft) -> str:
+    from crossspec_kernels.runtime import TreeDraft
+
+    if isinstance(draft, TreeDraft):
+        return f"tree top_k={draft.top_k} depth={draft.depth} max_nodes={draft.max_nodes}"
+    return f"chain gamma={draft.gamma}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
