@@ -33,3 +33,4 @@ python bench/bench_tree_attention.py --out "$OUT" 2>&1 | tee "$OUT/bench_tree_at
 python bench/bench_lm_head_topk.py --out "$OUT" 2>&1 | tee "$OUT/bench_lm_head_topk.log"
 python bench/bench_events.py --out "$OUT" 2>&1 | tee "$OUT/bench_events.log"
 python bench/bench_e2e.py --preset 7b --quick --out "$OUT" 2>&1 | tee "$OUT/bench_e2e.log"
+python bench/bench_overlap.py --preset 7b --quick --out "$OUT" 2>&1 | tee "$OUT/bench_overlap.log"

@@ -16,7 +16,7 @@ import torch
 
 from crossspec_kernels import testing_models as tm
 from crossspec_kernels.models.adapters import AdapterConfig, EagleAdapter, LinearAdapter
-from crossspec_kernels.runtime import ChainDraft, CrossSpecEngine, TreeDraft
+from crossspec_kernels.runtime import ChainDraft, ControlledAcceptance, CrossSpecEngine, TreeDraft
 
 NEW_TOKENS = 12
 DRAFTS = [
@@ -124,13 +124,35 @@ def test_batch1_matches_and_rows_are_independent(reference_model, target, batch_
 
 
 @pytest.mark.parametrize("draft", [ChainDraft(3), TreeDraft(2, 3, 5)], ids=str)
-def test_triton_kernels_in_the_loop(reference_model, target, batch_inputs, draft):
-    """backend=None: tree attention, verify, lm_head_topk and compact_kv run on Triton (interpreter)."""
-    want = expected(reference_model, batch_inputs)[:, :6]
-    drafter, drafter_inputs, _ = drafter_and_inputs("perturbed", batch_inputs)
-    engine = CrossSpecEngine(target, drafter, draft=draft)
-    out = engine.generate(batch_inputs, drafter_inputs, max_new_tokens=6)
+def test_triton_kernels_in_the_loop(batch_inputs, draft, monkeypatch):
+    """backend=None under TRITON_INTERPRET=1: tree attention (head dim 64, a size the kernel takes),
+    verify, lm_head_topk and, for trees, compact_kv run their Triton kernels; output unchanged."""
+    import importlib
+
+    calls = {}
+    for op in ("tree_attention", "verify", "lm_head_topk", "compact_kv"):
+        module = importlib.import_module(f"crossspec_kernels.triton.{op}")
+        launcher = getattr(module, op)
+
+        def spy(*args, _launcher=launcher, _op=op, **kwargs):
+            calls[_op] = calls.get(_op, 0) + 1
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(module, op, spy)
+    reference_model, target = (
+        tm.tiny_video_llava(seed=0, head_dim=64),
+        tm.tiny_video_llava(seed=0, head_dim=64),
+    )
+    want = expected(reference_model, batch_inputs)[:, :5]
+    drafter = perturbed(tm.tiny_video_llava(seed=0, head_dim=64), 0.6, seed=5)
+    out = CrossSpecEngine(target, drafter, draft=draft).generate(
+        batch_inputs, dict(batch_inputs), max_new_tokens=5
+    )
     assert torch.equal(out.sequences, want)
+    expected_ops = {"tree_attention", "verify", "lm_head_topk"} | (
+        {"compact_kv"} if isinstance(draft, TreeDraft) else set()
+    )
+    assert expected_ops <= set(calls), calls
 
 
 def test_eos_stops_rows_and_pads_like_generate(reference_model, target, batch_inputs):
@@ -455,3 +477,79 @@ def test_bad_generate_options(target, batch_inputs, kwargs, match):
     engine = CrossSpecEngine(target, tm.tiny_llama(seed=1), backend="reference")
     with pytest.raises(ValueError, match=match):
         engine.generate(batch_inputs, dict(input_ids=torch.randint(3, 100, (2, 6))), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark modes: controlled acceptance, sequential (no overlap)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_controlled_acceptance(reference_model, target, batch_inputs, alpha):
+    """Drafts are the target's own tokens with probability alpha: acceptance follows alpha, and the
+    output is still the target's. 40 tokens x 2 rows with gamma 4 give ~100 draft decisions."""
+    tokens = 40
+    # The reference runs past the end: the last round drafts beyond max_new_tokens too.
+    reference = reference_model.generate(**batch_inputs, max_new_tokens=tokens + 4, do_sample=False)
+    reference = reference[:, batch_inputs["input_ids"].shape[1] :]
+    assert reference.shape[1] == tokens + 4  # no end of sequence inside
+    want = reference[:, :tokens]
+    drafter, drafter_inputs, _ = drafter_and_inputs("adapter", batch_inputs)
+    _, _, adapter = drafter_and_inputs("adapter", batch_inputs)
+    engine = CrossSpecEngine(target, drafter, adapter, draft=ChainDraft(4), backend="reference")
+    controlled = ControlledAcceptance(reference, alpha, seed=3)
+    out = engine.generate(
+        batch_inputs, drafter_inputs, max_new_tokens=tokens, eos_token_id=[], controlled_acceptance=controlled
+    )
+    assert torch.equal(out.sequences, want)
+    # Per draft, P(accept | reached) = alpha; estimate it as accepted / (accepted + rejections).
+    stats = out.stats
+    if alpha == 0.0:
+        assert stats["mean_accepted_length"] == 0.0
+    elif alpha == 1.0:
+        assert stats["acceptance_rate"] == 1.0
+    else:
+        per_round = stats["mean_accepted_length"]  # E[accepted] = sum_{i=1..4} alpha^i = 0.9375
+        assert 0.55 < per_round < 1.45, per_round
+
+
+def test_controlled_acceptance_rejects_what_it_cannot_control(target, batch_inputs):
+    drafter, drafter_inputs, adapter = drafter_and_inputs("adapter", batch_inputs)
+    reference = torch.zeros(2, 5, dtype=torch.int64)
+    with pytest.raises(ValueError, match="alpha"):
+        ControlledAcceptance(reference, 1.5)
+    with pytest.raises(ValueError, match="reference must be an int64"):
+        ControlledAcceptance(reference.float(), 0.5)
+    tree = CrossSpecEngine(target, drafter, adapter, draft=TreeDraft(2, 2, 4), backend="reference")
+    with pytest.raises(ValueError, match="greedy decoding and a ChainDraft"):
+        tree.generate(
+            batch_inputs,
+            drafter_inputs,
+            max_new_tokens=3,
+            controlled_acceptance=ControlledAcceptance(reference, 0.5),
+        )
+    chain = CrossSpecEngine(target, drafter, adapter, draft=ChainDraft(2), backend="reference")
+    with pytest.raises(ValueError, match="batch 1"):
+        chain.generate(
+            batch_inputs,
+            drafter_inputs,
+            max_new_tokens=3,
+            controlled_acceptance=ControlledAcceptance(reference[:1], 0.5),
+        )
+
+
+def test_sequential_mode_drafts_nothing_for_free(reference_model, target, batch_inputs):
+    want = expected(reference_model, batch_inputs)
+    drafter, drafter_inputs, _ = drafter_and_inputs("copy", batch_inputs)
+    engine = CrossSpecEngine(target, drafter, draft=ChainDraft(3), overlap=False, backend="reference")
+    out = engine.generate(batch_inputs, drafter_inputs, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out.sequences, want)
+    assert out.stats["free_tokens"] == 0
+    assert out.stats["acceptance_rate"] == 1.0  # an identical drafter, first round included
+
+
+def test_streams_need_cuda(target):
+    with pytest.raises(ValueError, match="streams are for CUDA models"):
+        CrossSpecEngine(target, tm.tiny_llama(seed=1), streams=(None, None))
+    with pytest.raises(ValueError, match="overlap must be a bool"):
+        CrossSpecEngine(target, tm.tiny_llama(seed=1), overlap="yes")

@@ -112,8 +112,10 @@ class DraftModel:
         temperature: float,
         generator: torch.Generator | None,
         should_stop=None,
+        override=None,
     ) -> Proposal:
-        """Draft up to ``config.gamma`` tokens; ``should_stop(timestamps)``, asked after each, ends early."""
+        """Draft up to ``config.gamma`` tokens; ``should_stop(timestamps)``, asked after each, ends early.
+        ``override(token [B], step)`` may replace each proposal before it is fed back."""
         batch = hidden.shape[0]
         sampled = temperature > 0
         fed_start = self.lane.physical_length
@@ -126,6 +128,8 @@ class DraftModel:
                     rows.append(probs)
                 else:
                     token = ids[:, 0]
+                if override is not None:  # controlled acceptance (benchmarks): replaces the proposal
+                    token = override(token, step)
                 tokens.append(token)
                 timestamps.append(self.timer.mark())
                 if step + 1 == config.gamma or (should_stop is not None and should_stop(timestamps)):

@@ -43,6 +43,7 @@ from crossspec_kernels import hf
 from crossspec_kernels.models.adapters import BottleneckAdapter, EagleAdapter, LinearAdapter
 from crossspec_kernels.ops.compact_kv import compact_kv
 from crossspec_kernels.ops.verify import verify
+from crossspec_kernels.runtime.controlled import ControlledAcceptance
 from crossspec_kernels.runtime.draft_config import MAX_DRAFT_NODES, ChainDraft, TreeDraft
 from crossspec_kernels.runtime.drafting import DraftModel, Proposal
 from crossspec_kernels.runtime.lane import Lane
@@ -83,6 +84,11 @@ class CrossSpecEngine:
         backend: forces the kernels' backend ("reference" runs everything in plain PyTorch; "cuda"
             applies to verify, which has a CUDA C++ kernel, the other ops then use triton); None
             lets each op pick from the device.
+        overlap: False makes the drafter wait for the target's prefill (the sequential baseline
+            of the overlap benchmark); nothing is drafted for free then.
+        streams: CUDA only: (drafter stream, target stream) to run on instead of the two the engine
+            makes (a high-priority one and a normal one), e.g. streams of SM-partitioned green
+            contexts (``crossspec_kernels.runtime.partition``).
     """
 
     def __init__(
@@ -94,6 +100,8 @@ class CrossSpecEngine:
         draft: ChainDraft | TreeDraft | None = None,
         free_token_budget: int = 16,
         backend: str | None = None,
+        overlap: bool = True,
+        streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None,
     ) -> None:
         draft = ChainDraft() if draft is None else draft
         if backend not in (None, "cuda", "triton", "reference"):
@@ -144,6 +152,10 @@ class CrossSpecEngine:
         self.draft = draft
         self.free_token_budget = free_token_budget
         self.backend = backend
+        if not isinstance(overlap, bool):
+            raise ValueError(f"{_OP}: overlap must be a bool, got {overlap!r}")
+        self.overlap = overlap
+        self.streams = _check_streams(streams, self.device)
         self.lm_head_weight = head.weight
 
     # ------------------------------------------------------------------------------------------
@@ -159,6 +171,7 @@ class CrossSpecEngine:
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         profile: bool | str = False,
+        controlled_acceptance: ControlledAcceptance | None = None,
     ) -> GenerateOutput:
         """Generate up to ``max_new_tokens`` tokens per row.
 
@@ -175,6 +188,8 @@ class CrossSpecEngine:
                 pad_token_id, else the first eos id, else 0.
             profile: True writes a torch profiler trace to ./crossspec_trace.json; a string names
                 the file. Its path is stats["trace"].
+            controlled_acceptance: benchmarks only: replace each chain draft by the target's own
+                token with a chosen probability (``runtime.controlled``); greedy chains only.
 
         Returns:
             GenerateOutput(sequences [B, T], stats) with stats: acceptance_rate (accepted drafts /
@@ -188,6 +203,7 @@ class CrossSpecEngine:
         run = _Run(
             self, target_inputs, drafter_inputs, max_new_tokens, temperature, seed, eos_token_id, pad_token_id
         )
+        run.set_controlled_acceptance(controlled_acceptance)
         trace_path = None if profile is False else ("crossspec_trace.json" if profile is True else profile)
         if trace_path is not None and not isinstance(trace_path, str):
             raise ValueError(f"{_OP}.generate: profile must be a bool or a file path, got {profile!r}")
@@ -232,11 +248,16 @@ class _Run:
         self.generator = None
         if self.temperature > 0:
             self.generator = torch.Generator(self.device).manual_seed(self.seed)
-        cuda = self.device.type == "cuda"
-        self.target_stream = torch.cuda.Stream(self.device) if cuda else None
-        # Lower number = higher priority: the drafter's small kernels go first when both are queued.
-        high = torch.cuda.Stream.priority_range()[1] if cuda else 0
-        self.drafter_stream = torch.cuda.Stream(self.device, priority=high) if cuda else None
+        self.drafter_stream, self.target_stream = None, None
+        if engine.streams is not None:
+            self.drafter_stream, self.target_stream = engine.streams
+        elif self.device.type == "cuda":
+            self.target_stream = torch.cuda.Stream(self.device)
+            # Lower number = higher priority: the drafter's small kernels go first when both are queued.
+            high = torch.cuda.Stream.priority_range()[1]
+            self.drafter_stream = torch.cuda.Stream(self.device, priority=high)
+        self.committed = torch.zeros(self.batch, dtype=torch.int64, device=self.device)  # uncapped
+        self.override = None
         self.fallback_reason = None
         self.new_tokens = torch.full(
             (self.batch, self.max_new_tokens), self.pad, dtype=torch.int64, device=self.device
@@ -246,6 +267,19 @@ class _Run:
         self.rounds = 0
         self.accepted = self.depth_total = self.row_rounds = self.drafted_row_rounds = 0
         self.first_accepted = [0] * self.batch
+
+    def set_controlled_acceptance(self, controlled: ControlledAcceptance | None) -> None:
+        if controlled is None:
+            return
+        if not isinstance(controlled, ControlledAcceptance):
+            raise ValueError(
+                f"{_OP}.generate: controlled_acceptance must be a ControlledAcceptance, got {type(controlled).__name__}"
+            )
+        if self.temperature != 0 or not isinstance(self.engine.draft, ChainDraft):
+            raise ValueError(f"{_OP}.generate: controlled_acceptance needs greedy decoding and a ChainDraft")
+        controlled.check(self.batch, self.drafter.shared_vocab, self.device)
+        # Draft `step` of a round proposes new token number committed + step.
+        self.override = lambda token, step: controlled.apply(token, self.committed + step)
 
     # streams ----------------------------------------------------------------------------------
     def _on(self, stream):
@@ -302,7 +336,9 @@ class _Run:
         config = self.engine.draft
         if isinstance(config, TreeDraft):
             return self.drafter.tree(hidden, config)
-        return self.drafter.chain(hidden, config, temperature=self.temperature, generator=self.generator)
+        return self.drafter.chain(
+            hidden, config, temperature=self.temperature, generator=self.generator, override=self.override
+        )
 
     # prefill hiding ---------------------------------------------------------------------------
     def _prefill_phase(self):
@@ -317,10 +353,17 @@ class _Run:
             return end is None or not isinstance(end, torch.cuda.Event) or end.query()
 
         budget = min(self.engine.free_token_budget, self.max_new_tokens)
+        if not self.engine.overlap:
+            # Sequential: the target's prefill first, then a first draft as long as a round's.
+            future.result()
+            config = self.engine.draft
+            budget = min(
+                config.gamma if isinstance(config, ChainDraft) else config.depth, self.max_new_tokens
+            )
 
         def should_stop(timestamps) -> bool:
-            if len(timestamps) >= budget:
-                return True
+            if len(timestamps) >= budget or not self.engine.overlap:
+                return len(timestamps) >= budget
             if self.device.type == "cuda":
                 # Keep at most two steps in flight so drafting stops soon after the prefill does.
                 while len(timestamps) >= 2 and not (prefill_done() or timestamps[-2].query()):
@@ -337,6 +380,7 @@ class _Run:
                 temperature=self.temperature,
                 generator=self.generator,
                 should_stop=should_stop,
+                override=self.override,
             )
         try:
             future.result()
@@ -429,13 +473,13 @@ class _Run:
             ragged = min(accepted) != max(accepted)
             target.keep(slots_before, kept, root_slot + 1 + max(accepted), ragged=ragged)
             self.root = result.tokens.gather(1, result.num_accepted[:, None])[:, 0]
+            self.committed = self.committed + committed
 
         self._commit(result.tokens, accepted, eos_at, num_nodes, proposal, first)
         if self.fallback_reason is None:
             self._join(self.drafter_stream, self.target_stream)
             _handoff(result, self.drafter_stream)
-            with self._on(self.drafter_stream):
-                self._next_pending(result, accepted, proposal)
+            self._drafter_call(self._next_pending, result, accepted, proposal)
         self.rounds += 1
 
     def _commit(self, tokens, accepted, eos_at, num_nodes, proposal, first) -> None:
@@ -508,6 +552,22 @@ class _Run:
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def _check_streams(streams, device: torch.device):
+    if streams is None:
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"{_OP}: streams are for CUDA models; the target is on {device}")
+    if (
+        not isinstance(streams, (tuple, list))
+        or len(streams) != 2
+        or not all(isinstance(stream, torch.cuda.Stream) for stream in streams)
+    ):
+        raise ValueError(f"{_OP}: streams must be (drafter stream, target stream), two torch.cuda.Stream")
+    if any(stream.device != device for stream in streams):
+        raise ValueError(f"{_OP}: streams must be on the models' device {device}")
+    return tuple(streams)
 
 
 def _handoff(tensors, stream) -> None:
