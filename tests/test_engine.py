@@ -422,6 +422,8 @@ def test_bad_engine_arguments(target):
         TreeDraft(top_k=17)
     with pytest.raises(ValueError, match="max_nodes"):
         TreeDraft(max_nodes=200)
+    with pytest.raises(ValueError, match="candidates per round"):
+        TreeDraft(top_k=16, depth=10)
     with pytest.raises(ValueError, match="adapter=None needs equal hidden sizes"):
         CrossSpecEngine(target, narrow)
     wrong = LinearAdapter(AdapterConfig(kind="linear", d_draft=48, d_target=64))

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 MAX_DRAFT_NODES = 127
 # lm_head_topk returns at most 16 candidates per row.
 MAX_TOP_K = 16
+# A tree round keeps top_k + (depth - 1) * top_k^2 candidates and their ancestor matrix (bool,
+# candidates^2 per request): 2048 candidates are 4 MiB per request.
+MAX_TREE_CANDIDATES = 2048
 
 
 def _check_int(owner: str, name: str, value, low: int, high: int) -> None:
@@ -46,3 +49,9 @@ class TreeDraft:
         _check_int("TreeDraft", "top_k", self.top_k, 1, MAX_TOP_K)
         _check_int("TreeDraft", "depth", self.depth, 1, 32)
         _check_int("TreeDraft", "max_nodes", self.max_nodes, 1, MAX_DRAFT_NODES)
+        candidates = self.top_k + (self.depth - 1) * self.top_k**2
+        if candidates > MAX_TREE_CANDIDATES:
+            raise ValueError(
+                f"TreeDraft: top_k={self.top_k}, depth={self.depth} make {candidates} candidates per round "
+                f"(top_k + (depth - 1) * top_k^2), more than {MAX_TREE_CANDIDATES}; lower top_k or depth"
+            )
