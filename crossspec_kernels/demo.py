@@ -225,7 +225,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _resolve_device(name: str) -> torch.device:
-    from crossspec_kernels.generate_cli import GenerateError, resolve_device
+    from crossspec_kernels.generate_cli import resolve_device
+    from crossspec_kernels.generate_inputs import GenerateError
 
     try:
         return resolve_device(name)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossspec_kernels import generate_cli
+from crossspec_kernels import generate_cli, generate_inputs
 from crossspec_kernels import testing_models as tm
 from crossspec_kernels.events import EventStream, save_eventgpt_npy, write_dsec_h5
 from crossspec_kernels.models.adapters import AdapterConfig, build_adapter
@@ -255,7 +255,7 @@ def test_hf_processor_path(files, capsys, monkeypatch):
         def __init__(self, folder):
             self.tokenizer = generate_cli.load_tokenizer(files["target"], "--target")
             target = generate_cli.load_target(files["target"], torch.float32, torch.device("cpu"))
-            self.builtin = generate_cli.BuiltinVideoProcessor(files["target"], target, self.tokenizer)
+            self.builtin = generate_inputs.BuiltinVideoProcessor(files["target"], target, self.tokenizer)
 
         def __call__(self, text, videos, return_tensors):
             calls.append((text, videos.shape, videos.dtype, return_tensors))
@@ -305,16 +305,16 @@ def test_video_container_decoding_samples_uniformly(tmp_path, monkeypatch, decod
     monkeypatch.setitem(sys.modules, "av", fake_av)
     path = tmp_path / "clip.mp4"
     path.write_bytes(b"")
-    frames, _ = generate_cli.load_video(str(path), 8)
+    frames, _ = generate_inputs.load_video(str(path), 8)
     assert frames.shape == (8, 6, 10, 3) and frames.dtype == np.uint8
     # Header right, header missing, header over-counting: always spread over the frames that exist.
-    assert frames[:, 0, 0, 0].tolist() == generate_cli.sample_frame_indices(decodable, 8)
+    assert frames[:, 0, 0, 0].tolist() == generate_inputs.sample_frame_indices(decodable, 8)
 
 
 def test_uniform_frame_sampling():
-    assert generate_cli.sample_frame_indices(11, 8) == [0, 1, 3, 4, 6, 7, 9, 10]
-    assert generate_cli.sample_frame_indices(3, 5) == [0, 0, 1, 2, 2]  # short clips repeat frames
-    assert generate_cli.sample_frame_indices(1, 8) == [0] * 8
+    assert generate_inputs.sample_frame_indices(11, 8) == [0, 1, 3, 4, 6, 7, 9, 10]
+    assert generate_inputs.sample_frame_indices(3, 5) == [0, 0, 1, 2, 2]  # short clips repeat frames
+    assert generate_inputs.sample_frame_indices(1, 8) == [0] * 8
 
 
 def _write(files, name: str, array) -> str:
