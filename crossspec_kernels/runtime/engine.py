@@ -474,8 +474,9 @@ class _Run:
             target.keep(slots_before, kept, root_slot + 1 + max(accepted), ragged=ragged)
             self.root = result.tokens.gather(1, result.num_accepted[:, None])[:, 0]
             self.committed = self.committed + committed
+            # On the target stream, like the tensors it copies from (the allocator may reuse them).
+            self._commit(result.tokens, accepted, eos_at, num_nodes, proposal, first)
 
-        self._commit(result.tokens, accepted, eos_at, num_nodes, proposal, first)
         if self.fallback_reason is None:
             self._join(self.drafter_stream, self.target_stream)
             _handoff(result, self.drafter_stream)
