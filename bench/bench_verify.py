@@ -22,7 +22,11 @@ tokens must equal ours exactly (checked on every benchmark input); its sampled o
 random numbers, so only their validity is checked. A ``torch.compile`` of it is an extra baseline
 with --compile (one compile per shape: minutes).
 
-Without a CUDA device this runs a smoke mode (tiny shapes, reference backend + eager baseline, a
+A second table times the host side of one call the way the engine's round makes it (tensors for
+temperature/seed/offset, preallocated ``out``, no tree validation) at B = 1, k = 5, V = 49152 and
+V = 512: on a GPU that is the enqueue cost per call, on CPU the whole call.
+
+Without a CUDA device this runs a smoke mode (tiny shapes, torch and reference backends + eager baseline, a
 few iterations) that proves the script works and claims nothing about speed.
 """
 
@@ -49,12 +53,14 @@ from _common import (
     run_configs,
     script_arg_parser,
     synchronize,
+    time_cpu,
     time_fn,
 )
 
 import crossspec_kernels
 from crossspec_kernels import _ext
 from crossspec_kernels.ops._dispatch import triton_available
+from crossspec_kernels.reference import VerifyBuffers
 from crossspec_kernels.testing import make_case
 
 VOCAB = 32064  # Vicuna-7B, the Video-LLaVA language model
@@ -238,14 +244,14 @@ def compiled_verify(config: Config, inputs: dict):
 # Backends, checks
 # ----------------------------------------------------------------------------------------------
 
-OUR_BACKENDS = ("cuda", "triton", "reference")
+OUR_BACKENDS = ("cuda", "triton", "torch", "reference")
 BASELINES = ("eager", "compiled")
 
 
 def backends_for(device: torch.device, *, compile_baseline: bool = False) -> tuple[list[str], list[str]]:
     """(backends to time, notes on those left out)."""
     if device.type != "cuda":
-        return ["reference", "eager"], ["cuda, triton: no CUDA device (the smoke test times the reference)"]
+        return ["torch", "reference", "eager"], ["cuda, triton: no CUDA device"]
     chosen, notes = [], ["reference: run once per config as the correctness oracle, not timed"]
     if _ext.is_available():
         chosen.append("cuda")
@@ -255,7 +261,7 @@ def backends_for(device: torch.device, *, compile_baseline: bool = False) -> tup
         chosen.append("triton")
     else:
         notes.append("triton: not installed")
-    chosen.append("eager")
+    chosen += ["torch", "eager"]
     if compile_baseline:
         chosen.append("compiled")
     else:
@@ -341,6 +347,74 @@ def check_backend(backend: str, config: Config, inputs: dict, reference_out=None
             # Philox stream with the reference, so they must agree in every mode.
             problems.append(f"{backend} differs from the reference on the same inputs and seed")
     return out, problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Host time per call, as the engine's round calls verify
+# ----------------------------------------------------------------------------------------------
+
+# (B, k, V): one request, gamma 5, a 135M-class vocabulary (SmolLM2: 49152) and a tiny one, where
+# the op's fixed cost (validation, dispatch, allocation, Python) is all there is.
+HOST_SHAPES = ((1, 5, 49152), (1, 5, 512))
+HOST_ITERATIONS = 200
+
+
+def host_time_rows(device: torch.device, backends: list[str]) -> tuple[list[dict], list[str]]:
+    """Host microseconds per verify call the way a round makes it: temperature, seed and offset as
+    [B] device tensors, preallocated ``out`` buffers, validate_tree=False. On a GPU no call waits for
+    the device (this is the enqueue cost a CUDA graph removes); on CPU it is the whole call. Greedy is
+    also timed with ``temperature=0.0`` as a Python float, which lets the torch backend skip the
+    sampling work (a [B] tensor of zeros cannot be read without a sync)."""
+    rows, problems = [], []
+    ours_backends = [b for b in backends if b in OUR_BACKENDS]
+    for batch, num_nodes, vocab in HOST_SHAPES:
+        for mode in MODES:
+            config = Config(mode, batch, num_nodes, vocab, torch.float32)
+            inputs = make_inputs(config, device)
+            tensors = dict(
+                temperature=torch.full((batch,), config.temperature, device=device),
+                seed=torch.full((batch,), SEED, dtype=torch.int64, device=device),
+                offset=torch.zeros(batch, dtype=torch.int64, device=device),
+            )
+            variants = [("tensors", tensors)]
+            if mode == "greedy":
+                variants.append(("float T=0", dict(tensors, temperature=0.0)))
+            for variant, sampling in variants:
+                expected = crossspec_kernels.verify(**inputs, **sampling, backend="reference")
+                for backend in ours_backends:
+                    call = functools.partial(
+                        crossspec_kernels.verify,
+                        **inputs,
+                        **sampling,
+                        backend=backend,
+                        validate_tree=False,
+                        out=VerifyBuffers.empty(batch, num_nodes, device),
+                    )
+                    if not same_output(call(), expected):
+                        problems.append(f"host time {config} {variant} {backend}: differs from the reference")
+                    timing = time_cpu(call, iterations=HOST_ITERATIONS, warmup=10)  # no device sync
+                    rows.append(
+                        dict(
+                            config=str(config),
+                            sampling=variant,
+                            backend=backend,
+                            host_median_us=timing.median_us,
+                            host_p20_us=timing.p20_us,
+                            host_p80_us=timing.p80_us,
+                            threads=torch.get_num_threads(),
+                        )
+                    )
+    return rows, problems
+
+
+HOST_TABLE_COLUMNS = (
+    ("config", "config", ""),
+    ("sampling", "sampling", ""),
+    ("backend", "backend", ""),
+    ("host_median_us", "host us", ".1f"),
+    ("host_p20_us", "p20", ".1f"),
+    ("host_p80_us", "p80", ".1f"),
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,6 +509,10 @@ def main(argv=None) -> int:
 
     print()
     print(format_table(all_rows, TABLE_COLUMNS))
+    print(f"\nhost time per call (round-style call, {torch.get_num_threads()} threads):")
+    host_rows, host_problems = host_time_rows(device, backends)
+    problems += host_problems
+    print(format_table(host_rows, HOST_TABLE_COLUMNS))
     if smoke:
         print(SMOKE_BANNER)
 
@@ -452,6 +530,11 @@ def main(argv=None) -> int:
             f"drafts are the target's choice; verify seed={SEED}, sampled temperature={TEMPERATURE}"
         ),
         modes={name: description for name, (_, _, description) in MODES.items()},
+        host_time=dict(
+            method=f"time.perf_counter per call, {HOST_ITERATIONS} calls after 10 warm-up calls, no device sync",
+            calls=host_time_rows.__doc__.split(". On a GPU")[0],
+            rows=host_rows,
+        ),
     )
     return finish_run("verify", args.out, smoke, info, payload, problems)
 
@@ -462,7 +545,7 @@ def main(argv=None) -> int:
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _SMOKE = _DEVICE.type != "cuda"
-_PYTEST_BACKENDS = ("reference", "eager") if _SMOKE else ("cuda", "triton", "eager")
+_PYTEST_BACKENDS = ("torch", "reference", "eager") if _SMOKE else ("cuda", "triton", "torch", "eager")
 
 
 @functools.cache

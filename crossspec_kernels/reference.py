@@ -59,6 +59,13 @@ class VerifyBuffers(NamedTuple):
         slots = (batch, num_nodes + 1)
         return cls(new(slots), new((batch,)), new((batch, num_nodes)), new(slots, torch.int32), new(slots))
 
+    def fill(self, tokens: torch.Tensor, num_accepted: torch.Tensor, path: torch.Tensor) -> VerifyOutput:
+        """Copy a result into these buffers and return them as a VerifyOutput."""
+        self.tokens.copy_(tokens)
+        self.num_accepted.copy_(num_accepted)
+        self.path.copy_(path)
+        return VerifyOutput(self.tokens, self.num_accepted, self.path)
+
 
 # ----------------------------------------------------------------------------------------------
 # Philox4x32-10
@@ -139,6 +146,13 @@ def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(logits), float("-inf"), logits)
 
 
+def sanitize_draft_probs(q: torch.Tensor) -> torch.Tensor:
+    """fp32 draft probabilities with every entry that is not finite and > 0 (NaN, inf, 0, negative)
+    read as 0: such a token can neither be accepted as a draft nor take mass off the residual."""
+    q = q.float()
+    return torch.where((q > 0) & (q < float("inf")), q, 0.0)
+
+
 def softmax_weights(z: torch.Tensor) -> torch.Tensor:
     """Unnormalised softmax weights exp(z - max) along the last dim, defined for every input.
 
@@ -191,13 +205,16 @@ def verify(
     Walks each request's tree from the root. At the current node, with target distribution
     p = softmax(logits / T):
 
-    * greedy rows (T <= 0, or NaN): y = argmax(logits); accept the lowest-index child whose token
-      is y and descend, else emit y and stop;
+    * greedy rows (T not finite and > 0: 0, negative, NaN or inf): y = argmax(logits); accept the
+      lowest-index child whose token is y and descend, else emit y and stop;
     * ``draft_probs`` None: y ~ p by the exponential race; accept a child with token y and descend,
       else emit y and stop;
-    * ``draft_probs`` given, q = draft_probs[node]: for each child x in index order, accept with
-      probability min(1, p(x) / q(x)); on rejection p <- norm((p - q)+) (kept as is if that is all
-      zero); when every child is rejected emit y ~ p.
+    * ``draft_probs`` given, q = draft_probs[node] with every entry that is not finite and > 0 read
+      as 0: for each child x in index order, if q(x) = 0 the child is rejected and skipped (it could
+      not have been drawn from q, so this changes nothing on draws that follow the contract, and no
+      draft is ever accepted on the basis of a NaN, infinite, zero or negative q); otherwise accept
+      with probability min(1, p(x) / q(x)), and on rejection p <- norm((p - q)+) (kept as is if that
+      is all zero); when every child is rejected emit y ~ p (the residual of the children tried).
 
     Draft tokens outside [0, V) and nodes whose parent is not in [-1, i) are absent: never accepted.
     """
@@ -218,7 +235,7 @@ def verify(
     parents = parents.to(device=device, dtype=torch.int64).expand(batch, num_nodes)
 
     logits = sanitize_logits(target_logits)
-    greedy = ~(temperature > 0)
+    greedy = ~((temperature > 0) & (temperature < float("inf")))
     safe_temperature = torch.where(greedy, 1.0, temperature)[:, None]
     present = (draft_tokens >= 0) & (draft_tokens < vocab)
     safe_tokens = draft_tokens.clamp(0, vocab - 1)
@@ -254,7 +271,7 @@ def verify(
                 q = draft_probs[rows, slot].float()
                 sample, sampled_child = _recursive_rejection(
                     weights / weights.sum(-1, keepdim=True),
-                    torch.where(q > 0, q, 0.0),
+                    sanitize_draft_probs(q),
                     kids,
                     safe_tokens,
                     race_noise,
@@ -280,8 +297,9 @@ def verify(
 def _recursive_rejection(p, q, kids, draft_tokens, race_noise, seed, offset):
     """One node of recursive rejection sampling for every row: (emitted token, accepted child or -1).
 
-    p, q: [B, V] target and draft distributions at the node; kids: [B, N] its present children.
-    Children are tried in index order; the r-th child of each row is handled in the same step.
+    p, q: [B, V] target and (sanitised) draft distributions at the node; kids: [B, N] its present
+    children. Children are tried in index order; the r-th child of each row is handled in the same
+    step. A child with q(x) = 0 is neither accepted nor changes p.
     """
     batch, num_nodes = kids.shape
     rows = torch.arange(batch, device=p.device)
@@ -295,7 +313,9 @@ def _recursive_rejection(p, q, kids, draft_tokens, race_noise, seed, offset):
         safe_candidate = candidate.clamp(max=num_nodes - 1)
         x = draft_tokens[rows, safe_candidate]
         u = philox_uniform(seed, offset, rows, safe_candidate + 1, ACCEPT_COUNTER)
-        accepted = trying & (u * q[rows, x] < p[rows, x])
+        q_x = q[rows, x]
+        trying = trying & (q_x > 0)  # q(x) = 0: x cannot have been drawn from q; skip the child
+        accepted = trying & (u * q_x < p[rows, x])
         child = torch.where(accepted, candidate, child)
         residual = (p - q).clamp(min=0)
         mass = residual.sum(dim=-1, keepdim=True)
@@ -316,24 +336,28 @@ def tree_visibility(
     tree_mask: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None,
     device=None,
+    *,
+    kv_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, Q, L] bool: which kv positions each of the Q new tokens may attend.
 
-    The Q new tokens are the last Q kv positions. The prefix (positions < L - Q) is visible to every
-    query except positions < kv_start[b] (left padding); among the new tokens, query i sees node j
-    iff tree_mask[b, i, j] (None: causal, j <= i).
+    Row b's keys are the positions [kv_start[b], kv_end[b]) (kv_start None: 0, kv_end None: L) and
+    its Q new tokens are the last Q of them, positions kv_end[b] - Q .. kv_end[b] - 1. Every
+    position before the new tokens (the prefix) is visible to every query; among the new tokens,
+    query i sees node j iff tree_mask[b, i, j] (None: causal, j <= i). Positions outside [0, L)
+    do not exist, whatever kv_start and kv_end say.
     """
-    prefix = kv_len - num_queries
     positions = torch.arange(kv_len, device=device)
+    end = kv_len if kv_end is None else torch.as_tensor(kv_end, device=device).reshape(-1, 1, 1)
     if tree_mask is None:
         tree_mask = torch.ones(num_queries, num_queries, dtype=torch.bool, device=device).tril()
-    visible = torch.ones(batch, num_queries, kv_len, dtype=torch.bool, device=device)
-    visible[:, :, prefix:] = tree_mask.to(device=device, dtype=torch.bool).expand(
-        batch, num_queries, num_queries
-    )
+    tree_mask = tree_mask.to(device=device, dtype=torch.bool).expand(batch, num_queries, num_queries)
+    node = positions - (end - num_queries)  # tree node held at each position, < 0 in the prefix
+    tree_visible = tree_mask.gather(2, node.clamp(0, num_queries - 1).expand(batch, num_queries, kv_len))
+    visible = (positions < end) & ((node < 0) | tree_visible)
     if kv_start is not None:
         start = torch.as_tensor(kv_start, device=device).reshape(-1, 1, 1)
-        visible &= positions[None, None, :] >= start
+        visible &= positions >= start
     return visible
 
 
@@ -344,6 +368,7 @@ def tree_attention(
     tree_mask: torch.Tensor | None = None,
     *,
     kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q [B, Hq, Q, D] over k, v [B, Hkv, L, D] under tree_visibility, in fp32.
@@ -358,8 +383,8 @@ def tree_attention(
     keys = k.float().repeat_interleave(group, dim=1)
     values = v.float().repeat_interleave(group, dim=1)
     scores = (q.float() @ keys.transpose(-1, -2)) * scale  # [B, Hq, Q, L]
-    visible = tree_visibility(batch, num_queries, kv_len, tree_mask, kv_start, q.device)[:, None]
-    scores = scores.masked_fill(~visible, float("-inf"))
+    visible = tree_visibility(batch, num_queries, kv_len, tree_mask, kv_start, q.device, kv_end=kv_end)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: 0, not NaN
     return (probs @ values).to(q.dtype)
 
@@ -414,7 +439,8 @@ def lm_head_topk(
     logprobs = torch.log_softmax(logits, dim=-1)
     sorted_logprobs, sorted_ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
     probs = torch.softmax(logits, dim=-1) if return_probs else None
-    return sorted_logprobs[:, :k], sorted_ids[:, :k], probs
+    # Copies, not views: a view would keep the whole [M, V] sort alive.
+    return sorted_logprobs[:, :k].contiguous(), sorted_ids[:, :k].contiguous(), probs
 
 
 # ----------------------------------------------------------------------------------------------

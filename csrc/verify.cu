@@ -83,7 +83,7 @@ struct Node {
   __device__ float scaled(int32_t x) const { return logit(x) / temperature; }
   __device__ float q(int32_t x) const {
     const float v = to_float(probs[x]);
-    return v > 0.f ? v : 0.f;  // negative or NaN draft probabilities read as 0
+    return v > 0.f && v < INFINITY ? v : 0.f;  // NaN, inf, 0 or negative: never drawn from q
   }
   // Race noise E ~ Exp(1) of tokens base .. base+3 come from one Philox call.
   __device__ uint4 race_words(int32_t base) const {
@@ -175,6 +175,7 @@ __device__ void recursive_rejection(const Node<LogitT, ProbT>& n, float z_max, i
     const int32_t x = static_cast<int32_t>(n.draft_tokens[candidate]);
     const float p_x = softmax_weight(n.scaled(x), z_max) / total;
     const float q_x = n.q(x);
+    if (q_x == 0.f) continue;  // x cannot have been drawn from q: skip it, keep the residual
     const float residual_x = fmaxf(p_x - shift * q_x, 0.f) / scale;
     const float u = philox_uniform(n.seed, n.offset, n.row, static_cast<uint32_t>(candidate + 1),
                                    kAcceptCounter);
@@ -230,8 +231,9 @@ __global__ void __launch_bounds__(kThreads) verify_nodes_kernel(VerifyParams par
   int64_t child = -1;
   int64_t emitted = -1;
   const int64_t own_token = slot > 0 ? n.draft_tokens[slot - 1] : 0;
+  const bool sampled = n.temperature > 0.f && n.temperature < INFINITY;  // else greedy (0, NaN, inf)
   if (own_token >= 0 && own_token < params.vocab) {  // absent nodes decide nothing
-    if (n.temperature > 0.f) {                       // NaN temperatures are greedy
+    if (sampled) {
       const float z_max = scaled_max(n);
       if constexpr (kHasProbs) {
         recursive_rejection(n, z_max, child, emitted);
@@ -241,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) verify_nodes_kernel(VerifyParams par
     } else {
       emitted = greedy_token(n);
     }
-    if (!kHasProbs || !(n.temperature > 0.f)) {
+    if (!kHasProbs || !sampled) {
       const int64_t match = n.first_child(n.node, emitted);
       child = match < num_nodes ? match : -1;
     }

@@ -236,3 +236,36 @@ COMPILE_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("capability", [80, 90])
 def test_bottleneck_adapter_kernel_compiles_for_gpu(capability):
     compile_offline(COMPILE_SCRIPT, capability)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: the fused kernel is the crossspec::bottleneck_adapter custom op, the LM head
+# crossspec::lm_head_topk, the reference path the module itself
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiles_with_fullgraph(backend):
+    torch._dynamo.reset()
+    adapter = make_bottleneck(64, 96, 16, True, torch.float32)
+    torch.manual_seed(4)
+    hidden = torch.randn(5, 64, device=DEVICE)
+    weight = torch.randn(300, 96, device=DEVICE) * 0.3
+
+    def draft(hidden, weight):
+        return adapter_lm_head_topk(
+            hidden, adapter, weight, 8, temperature=0.7, return_probs=True, backend=backend
+        )
+
+    got = torch.compile(draft, fullgraph=True, backend="aot_eager")(hidden, weight)
+    for x, y in zip(got, draft(hidden, weight), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_bottleneck_custom_op_passes_opcheck():
+    adapter = make_bottleneck(64, 96, 16, True, torch.float32)
+    params = {name: None if t is None else t.detach() for name, t in adapter.fused_params().items()}
+    hidden = torch.randn(5, 64, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.crossspec.bottleneck_adapter.default, (hidden,), {**params, "eps": adapter.eps}
+    )

@@ -627,3 +627,51 @@ def test_gpu_cuda_graph_capture_with_static_tensors():
     graph.replay()
     torch.cuda.synchronize()
     assert_buffers_equal(caches, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: through the crossspec::compact_kv custom op
+# ----------------------------------------------------------------------------------------------
+
+
+def compile_case():
+    gen = torch.Generator().manual_seed(5)
+    caches = [torch.randn(3, 2, 12, 64, generator=gen) for _ in range(4)]
+    path = random_path([3, 0, 5], 6, gen)
+    return caches, path, torch.tensor([3, 0, 5]), torch.tensor([2, 4, 0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiles_with_fullgraph(backend):
+    torch._dynamo.reset()
+
+    def commit(caches, path, num_accepted, tree_start):
+        compact_kv(caches, path, num_accepted, tree_start, backend=backend)
+        return tree_start + 1 + num_accepted
+
+    caches, *args = compile_case()
+    expected = [c.clone() for c in caches]
+    lengths = commit(expected, *args)
+    compiled = torch.compile(commit, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(caches, *args), lengths)
+    assert_buffers_equal(caches, expected)  # the caches were compacted in place
+
+
+def test_crop_under_compile_is_refused():
+    torch._dynamo.reset()
+    layer = types.SimpleNamespace(keys=torch.zeros(1, 2, 8, 16), values=torch.zeros(1, 2, 8, 16))
+    cache = types.SimpleNamespace(layers=[layer])  # what compact_kv reads of an HF cache
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def commit(path, num_accepted):
+        compact_kv(cache, path, num_accepted, 2)
+
+    with pytest.raises(Exception, match="crop=True reads the committed lengths"):
+        commit(torch.tensor([[0, -1]]), torch.tensor([1]))
+
+
+def test_custom_op_passes_opcheck():
+    caches, path, num_accepted, tree_start = compile_case()
+    torch.library.opcheck(
+        torch.ops.crossspec.compact_kv.default, (caches, path, num_accepted, tree_start, "reference")
+    )

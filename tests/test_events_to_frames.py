@@ -508,3 +508,32 @@ def test_default_backend_on_cpu_and_package_export():
     x, y, t, p = good_events()
     frames = events_to_frames(x, y, t, p, sensor_size=SENSOR)  # defaults: eventgpt, 5 frames
     assert frames.shape == (5, 3, *SENSOR) and frames.dtype == torch.uint8
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: through the crossspec::events_to_frames custom op
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("representation", ["eventgpt", "histogram", "voxel"])
+def test_compiles_with_fullgraph(backend, representation):
+    torch._dynamo.reset()
+    events = make_events(500, seed=7)
+
+    def rasterize(x, y, t, p):
+        return run(
+            x, y, t, p, representation, backend, num_frames=3, num_bins=4, normalize=representation == "voxel"
+        )
+
+    got = torch.compile(rasterize, fullgraph=True, backend="aot_eager")(*events)
+    assert torch.equal(got, rasterize(*events))
+
+
+def test_custom_op_passes_opcheck():
+    x, y, t, p = make_events(200, seed=8)
+    for representation in ("eventgpt", "histogram", "voxel"):
+        torch.library.opcheck(
+            torch.ops.crossspec.events_to_frames.default,
+            (x, y, t, p, *SENSOR, representation, 3, representation == "voxel", "reference"),
+        )

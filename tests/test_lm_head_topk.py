@@ -255,3 +255,32 @@ def test_gpu_ties_and_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured[1], ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: through the crossspec::lm_head_topk custom op
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("return_probs", [False, True])
+def test_compiles_with_fullgraph(backend, return_probs):
+    torch._dynamo.reset()
+    hidden, weight = make_inputs(3, 300, 64, torch.float32, seed=4)
+
+    def draft(hidden, weight):
+        return lm_head_topk(hidden, weight, 4, temperature=0.8, return_probs=return_probs, backend=backend)
+
+    got = torch.compile(draft, fullgraph=True, backend="aot_eager")(hidden, weight)
+    expected = draft(hidden, weight)
+    assert (got[2] is None) == (expected[2] is None) == (not return_probs)
+    for x, y in zip(got, expected, strict=True):
+        assert x is None or torch.equal(x, y)
+
+
+def test_custom_op_passes_opcheck():
+    hidden, weight = make_inputs(3, 300, 64, torch.float32, seed=5)
+    for return_probs in (False, True):
+        torch.library.opcheck(
+            torch.ops.crossspec.lm_head_topk.default, (hidden, weight, 4, 0.8, return_probs, "reference")
+        )

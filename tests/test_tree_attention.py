@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from crossspec_kernels import reference
-from crossspec_kernels.ops.tree_attention import pack_tree_mask, tree_attention, unpack_tree_mask
+from crossspec_kernels.ops.tree_attention import (
+    pack_tree_mask,
+    run_tree_attention,
+    tree_attention,
+    unpack_tree_mask,
+)
 from crossspec_kernels.testing import ancestor_mask, random_parents
 
 # The module itself (for monkeypatching): once ops/__init__.py exports the function under the same
@@ -53,35 +58,40 @@ def spread_kv_start(batch: int, num_queries: int, kv_len: int, device="cpu") -> 
     return torch.tensor([prefix * b // max(batch - 1, 1) for b in range(batch)], device=device)
 
 
-def fp32_reference(q, k, v, tree_mask, kv_start, scale=None):
+def fp32_reference(q, k, v, tree_mask, kv_start, scale=None, kv_end=None):
     """The spec evaluated from the (possibly low-precision) inputs, output kept in fp32."""
     return reference.tree_attention(
-        q.float(), k.float(), v.float(), tree_mask, kv_start=kv_start, scale=scale
+        q.float(), k.float(), v.float(), tree_mask, kv_start=kv_start, kv_end=kv_end, scale=scale
     )
 
 
-def torch_low_precision(q, k, v, tree_mask, kv_start, scale=None):
+def torch_low_precision(q, k, v, tree_mask, kv_start, scale=None, kv_end=None):
     """PyTorch's own attention in q's dtype (matmul, masked softmax, matmul): the error yardstick."""
     batch, q_heads, num_queries, head_dim = q.shape
     group = q_heads // k.shape[1]
     scale = head_dim**-0.5 if scale is None else scale
     keys = k.repeat_interleave(group, dim=1)
     values = v.repeat_interleave(group, dim=1)
-    visible = reference.tree_visibility(batch, num_queries, k.shape[2], tree_mask, kv_start, q.device)
+    visible = reference.tree_visibility(
+        batch, num_queries, k.shape[2], tree_mask, kv_start, q.device, kv_end=kv_end
+    )
     scores = (q @ keys.transpose(-1, -2)) * scale
     probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
     return probs @ values
 
 
-def assert_close_to_spec(out, q, k, v, tree_mask, kv_start, scale=None):
-    expected = fp32_reference(q, k, v, tree_mask, kv_start, scale)
+def assert_close_to_spec(out, q, k, v, tree_mask, kv_start, scale=None, kv_end=None):
+    expected = fp32_reference(q, k, v, tree_mask, kv_start, scale, kv_end)
     assert out.dtype == q.dtype and out.shape == q.shape
     error = (out.float() - expected).abs().max().item()
     if q.dtype == torch.float32:
         assert error <= FP32_ATOL, f"fp32 error {error:.3g}"
         return
     torch_error = (
-        (torch_low_precision(q, k, v, tree_mask, kv_start, scale).float() - expected).abs().max().item()
+        (torch_low_precision(q, k, v, tree_mask, kv_start, scale, kv_end).float() - expected)
+        .abs()
+        .max()
+        .item()
     )
     assert error <= 2 * torch_error + 1e-4, f"{q.dtype} error {error:.3g} vs PyTorch's own {torch_error:.3g}"
 
@@ -221,6 +231,124 @@ def test_rows_that_see_nothing_are_zero(backend, kv_len):
     assert (out.transpose(1, 2)[blind] == 0).all()
     assert (out.transpose(1, 2)[~blind].abs().sum(-1) > 0).all()
     assert_close_to_spec(out, q, k, v, tree_mask, kv_start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row cache lengths (kv_end): one call over a fixed-capacity cache
+# ----------------------------------------------------------------------------------------------
+
+
+def ragged_bounds(batch: int, num_queries: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_start, kv_end) per row: the full cache, a middle length with padding, only the tree."""
+    ends = [kv_len, (kv_len + num_queries) // 2, num_queries]
+    starts = [0, (ends[1] - num_queries) // 3, 0]
+    return torch.tensor(starts[:batch]), torch.tensor(ends[:batch])
+
+
+def truncated(fn, q, k, v, tree_mask, kv_start, kv_end, **kwargs) -> torch.Tensor:
+    """Row by row, attention over the row's own cache cut at kv_end[b]: what kv_end must equal."""
+    rows = []
+    for b in range(q.shape[0]):
+        end = int(kv_end[b])
+        mask = tree_mask if tree_mask is None or tree_mask.dim() == 2 else tree_mask[b : b + 1]
+        rows.append(
+            fn(
+                q[b : b + 1],
+                k[b : b + 1, :, :end],
+                v[b : b + 1, :, :end],
+                mask,
+                kv_start=kv_start[b : b + 1],
+                **kwargs,
+            )
+        )
+    return torch.cat(rows)
+
+
+def test_reference_kv_end_matches_sdpa_with_dense_mask():
+    batch, num_queries, kv_len = 3, 5, 30
+    q, k, v = make_qkv(batch, 4, 2, num_queries, kv_len, 32, torch.float64, seed=2)
+    trees = random_tree_masks(batch, num_queries, seed=2)
+    kv_start, kv_end = ragged_bounds(batch, num_queries, kv_len)
+    dense = torch.zeros(batch, num_queries, kv_len, dtype=torch.bool)
+    for b in range(batch):
+        start, end = int(kv_start[b]), int(kv_end[b])
+        dense[b, :, start : end - num_queries] = True
+        dense[b, :, end - num_queries : end] = trees[b]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None], enable_gqa=True)
+    got = reference.tree_attention(q, k, v, trees, kv_start=kv_start, kv_end=kv_end)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+    expected = truncated(reference.tree_attention, q, k, v, trees, kv_start, kv_end)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)  # fp32 sums over another L
+
+
+KV_END_CASES = [
+    # Q, L, Hq, Hkv, D, dtype, mask
+    (7, 301, 8, 2, 64, FP32, "tree"),
+    (37, 130, 2, 2, 80, FP16, "shared"),
+    (1, 1031, 4, 2, 128, FP32, "causal"),
+    (64, 200, 8, 2, 64, FP16, "tree"),
+]
+
+
+@pytest.mark.parametrize("case", KV_END_CASES, ids=case_id)
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_triton_kv_end_matches_reference(case, num_splits):
+    from crossspec_kernels.triton.tree_attention import tree_attention as launch
+
+    q, k, v, tree_mask, _ = case_inputs(case, seed=4)
+    num_queries, kv_len = q.shape[2], k.shape[2]
+    kv_start, kv_end = ragged_bounds(3, num_queries, kv_len)
+    # Stale slots past a row's end (a fixed-capacity cache) are never read: NaN there changes nothing.
+    stale_k, stale_v = k.clone(), v.clone()
+    for b in range(3):
+        stale_k[b, :, int(kv_end[b]) :] = float("nan")
+        stale_v[b, :, int(kv_end[b]) :] = float("nan")
+    packed = None if tree_mask is None else pack_tree_mask(tree_mask)
+    out = launch(
+        q, stale_k, stale_v, packed, kv_start, q.shape[-1] ** -0.5, kv_end=kv_end, num_splits=num_splits
+    )
+    assert out.isfinite().all()
+    assert_close_to_spec(out, q, k, v, tree_mask, kv_start, kv_end=kv_end)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_kv_end_equals_truncated_caches(backend):
+    q, k, v, tree_mask, _ = case_inputs((7, 90, 4, 2, 64, FP32, "tree"), seed=6)
+    kv_start, kv_end = ragged_bounds(3, 7, 90)
+    out = tree_attention(q, k, v, tree_mask, kv_start=kv_start, kv_end=kv_end, backend=backend)
+    expected = truncated(tree_attention, q, k, v, tree_mask, kv_start, kv_end, backend=backend)
+    torch.testing.assert_close(out, expected, atol=FP32_ATOL, rtol=0)
+    # kv_end = L is the default.
+    full = torch.full((3,), 90)
+    assert torch.equal(
+        tree_attention(q, k, v, tree_mask, kv_start=kv_start, kv_end=full, backend=backend),
+        tree_attention(q, k, v, tree_mask, kv_start=kv_start, backend=backend),
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_run_tree_attention_is_the_op_without_checks(backend):
+    q, k, v, tree_mask, kv_start = case_inputs((7, 60, 4, 2, 64, FP32, "tree"), seed=8)
+    kv_end = torch.tensor([60, 40, 30])
+    kv_start = torch.tensor([0, 3, 23])
+    for mask in (tree_mask, pack_tree_mask(tree_mask), pack_tree_mask(tree_mask[0])[0], None):
+        expected = tree_attention(q, k, v, mask, kv_start=kv_start, kv_end=kv_end, scale=0.2, backend=backend)
+        out = run_tree_attention(q, k, v, mask, kv_start, kv_end, 0.2, backend)
+        assert torch.equal(out, expected)
+
+
+def test_launch_plan_is_computed_once_per_shape(monkeypatch):
+    from crossspec_kernels.triton import tree_attention as triton_tree_attention
+
+    calls = []
+    real = triton_tree_attention.choose_num_splits
+    monkeypatch.setattr(
+        triton_tree_attention, "choose_num_splits", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    triton_tree_attention._launch_plan.cache_clear()
+    q, k = torch.empty(2, 8, 5, 128), torch.empty(2, 2, 777, 128)
+    plans = {triton_tree_attention.launch_plan(q, k) for _ in range(3)}
+    assert len(plans) == 1 and calls == [1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,6 +499,23 @@ BAD_INPUTS = [
         r"kv_start must be in \[0, L - Q\] = \[0, 7\], got -1",
     ),
     ("kv_start type", dict(kv_start=1.5), TypeError, r"kv_start must be an int"),
+    ("kv_end shape", dict(kv_end=torch.full((3,), 12)), ValueError, r"kv_end must be a \[B\] = \[2\]"),
+    ("kv_end dtype", dict(kv_end=torch.full((2,), 12.0)), ValueError, r"kv_end must be an integer tensor"),
+    ("kv_end device", dict(kv_end=torch.full((2,), 12, device="meta")), ValueError, r"kv_end is on meta"),
+    (
+        "kv_end below Q",
+        dict(kv_end=torch.tensor([12, 4])),
+        ValueError,
+        r"kv_end values must be in \[Q, L\] = \[5, 12\], got \[12, 4\]",
+    ),
+    ("kv_end past L", dict(kv_end=13), ValueError, r"kv_end must be in \[Q, L\] = \[5, 12\], got 13"),
+    ("kv_end type", dict(kv_end=12.0), TypeError, r"kv_end must be an int, a \[B\] tensor or None"),
+    (
+        "kv_start past kv_end - Q",
+        dict(kv_start=torch.tensor([0, 3]), kv_end=torch.tensor([12, 7])),
+        ValueError,
+        r"kv_start must be <= kv_end - Q in every row .* got kv_start \[0, 3\] and kv_end \[12, 7\]",
+    ),
     ("scale", dict(scale=float("nan")), ValueError, r"scale must be finite"),
     ("backend cuda", dict(backend="cuda"), ValueError, r"no 'cuda' \(C\+\+\) backend"),
     ("backend name", dict(backend="flash"), ValueError, r"backend must be 'triton', 'reference' or None"),
@@ -528,3 +673,32 @@ def test_gpu_is_graph_capturable():
         graph.replay()
         torch.cuda.synchronize()
         assert_close_to_spec(captured, q, k, v, tree_mask, kv_start)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: through the crossspec::tree_attention custom op
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiles_with_fullgraph(backend):
+    """No value is read and nothing is traced into while compiling: fullgraph=True holds."""
+    torch._dynamo.reset()
+    q, k, v, tree_mask, _ = case_inputs((7, 60, 4, 2, 64, FP32, "tree"), seed=10)
+    args = (q, k, v, pack_tree_mask(tree_mask), torch.tensor([0, 3, 0]), torch.tensor([60, 40, 7]))
+
+    def attend(q, k, v, packed, kv_start, kv_end):
+        out = tree_attention(q, k, v, packed, kv_start=kv_start, kv_end=kv_end, scale=0.2, backend=backend)
+        return out * 2
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(*args), attend(*args))
+
+
+def test_custom_op_passes_opcheck():
+    q, k, v, tree_mask, _ = case_inputs((7, 60, 4, 2, 64, FP32, "tree"), seed=12)
+    kv_start, kv_end = torch.tensor([0, 3, 0]), torch.tensor([60, 40, 7])
+    for mask in (pack_tree_mask(tree_mask), None):
+        torch.library.opcheck(
+            torch.ops.crossspec.tree_attention.default, (q, k, v, mask, kv_start, kv_end, 0.2, "reference")
+        )

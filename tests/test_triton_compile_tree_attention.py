@@ -2,7 +2,7 @@
 
 Same idea as test_triton_compile.py: the CPU interpreter accepts code the real compiler rejects, so
 each kernel variant that the launcher can pick (dtype, head dim, row block, causal or packed mask,
-kv_start or not, one split or many) is compiled for real in a subprocess with TRITON_INTERPRET off.
+kv_start and kv_end or not, one split or many) is compiled for real in a subprocess with TRITON_INTERPRET off.
 The checks on the PTX are what the design relies on: tensor-core MMAs for 16-bit inputs, exact
 fp32 dots (no tf32) for fp32 inputs, and pipelined (asynchronous) K/V loads in the main loop.
 """
@@ -26,9 +26,9 @@ COMPILE_SCRIPT = textwrap.dedent(
     target = GPUTarget("cuda", capability, 32)
     split_kernel = ta._tree_attention_split_kernel
     merge_kernel = ta._merge_splits_kernel
-    constexpr_names = {"HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_D", "CAUSAL", "HAS_KV_START", "SINGLE_SPLIT",
-                       "DOT_PRECISION"}
-    pointer_types = {"mask_ptr": "*i32", "kv_start_ptr": "*i64", "partial_out_ptr": "*fp32",
+    constexpr_names = {"HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_D", "CAUSAL", "HAS_KV_START", "HAS_KV_END",
+                       "SINGLE_SPLIT", "DOT_PRECISION"}
+    pointer_types = {"mask_ptr": "*i32", "kv_start_ptr": "*i64", "kv_end_ptr": "*i64", "partial_out_ptr": "*fp32",
                      "partial_lse_ptr": "*fp32"}
 
     # What the JIT's specialisation sees for real inputs: 16-byte-aligned tensors and strides that are
@@ -71,7 +71,7 @@ COMPILE_SCRIPT = textwrap.dedent(
         block_m, warps, max_shared = plan.block_m, plan.num_warps, {80: 166912, 90: 232448}[capability]
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=plan.block_n,
                           BLOCK_D=triton.next_power_of_2(head_dim), CAUSAL=causal,
-                          HAS_KV_START=has_kv_start, SINGLE_SPLIT=single,
+                          HAS_KV_START=has_kv_start, HAS_KV_END=has_kv_start, SINGLE_SPLIT=single,
                           DOT_PRECISION="ieee" if dtype == "*fp32" else "tf32")
         kernel = triton.compile(ASTSource(split_kernel, split_signature(dtype), constexprs=constexprs, attrs=aligned),
                                 target=target, options={"num_warps": warps, "num_stages": plan.num_stages})

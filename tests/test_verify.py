@@ -128,7 +128,7 @@ def test_gpu_is_graph_capturable(backend):
 # Exact cases (every backend that runs here)
 # ----------------------------------------------------------------------------------------------
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "torch", "triton"]
 
 
 def one_hot_logits(batch, winners, vocab):
@@ -210,17 +210,36 @@ def test_disjoint_supports_reject_first(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_q_and_zero_p(backend):
-    """q(x) = 0 at a draft (it could not have been drawn): accepted iff p(x) > 0; p(x) = 0: rejected."""
-    logits = torch.zeros(2, 2, 6)
-    logits[1, 0, 3] = -INF  # p(3) = 0 in row 1
-    probs = torch.full((2, 2, 6), 0.25)
-    probs[:, :, 3] = 0.0
+def test_zero_p_is_never_accepted(backend):
+    logits = torch.zeros(1, 2, 6)
+    logits[0, 0, 3] = -INF  # p(3) = 0
+    probs = torch.full((1, 2, 6), 1 / 6)
+    for seed in range(10):
+        out = ck.verify(logits, torch.tensor([[3]]), None, probs, temperature=1.0, seed=seed, backend=backend)
+        assert out.num_accepted.tolist() == [0]
+        assert out.tokens[0, 0] != 3  # the residual (p - q)+ puts no mass on a token p excludes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_draft_without_a_positive_finite_q_is_never_accepted(backend):
+    """A child whose q(x) is 0, NaN, negative or inf could not have been drawn from q: it is never
+    accepted and leaves the residual as it is, so the emitted token still follows p."""
+    vocab = 6
+    logits = torch.zeros(5, 2, vocab)
+    logits[:4, 0, 3] = -30.0  # the draft is a token the target almost never picks
+    logits[4, 0, 0] = 30.0  # control row: a draft the target always picks, with a valid q
+    probs = torch.full((5, 2, vocab), 0.25)
     probs[:, :, 5] = 0.0
-    drafts = torch.tensor([[3], [3]])
-    out = ck.verify(logits, drafts, None, probs, temperature=1.0, seed=0, backend=backend)
-    assert out.num_accepted.tolist() == [1, 0]
-    assert out.tokens[1, 0] != 3  # the residual (p - q)+ puts no mass on a token p excludes
+    probs[:, 0, 3] = torch.tensor([0.0, float("nan"), -0.5, INF, 0.25])
+    drafts = torch.tensor([[3], [3], [3], [3], [0]])
+    emitted = set()
+    for seed in range(20):
+        out = ck.verify(logits, drafts, None, probs, temperature=1.0, seed=seed, backend=backend)
+        assert out.num_accepted.tolist() == [0, 0, 0, 0, 1]
+        assert not out.tokens[:4, 0].eq(3).any()
+        emitted |= set(out.tokens[:4, 0].tolist())
+    # A residual updated with the bad q would leave only token 5 (and 3 for the negative q).
+    assert emitted - {3, 5}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -373,6 +392,7 @@ BAD_INPUTS = [
     (dict(draft_probs=torch.rand(2, 4, 10, device="meta")), {}, ValueError, "draft_probs is on meta"),
     ({}, dict(temperature=-0.5), ValueError, "temperature must be >= 0"),
     ({}, dict(temperature=float("nan")), ValueError, "temperature must be >= 0"),
+    ({}, dict(temperature=INF), ValueError, "temperature must be >= 0 and finite"),
     ({}, dict(temperature="hot"), TypeError, "temperature must be a float or a tensor"),
     (
         {},
@@ -381,6 +401,19 @@ BAD_INPUTS = [
         "temperature must be a float or a \\[B\\]",
     ),
     ({}, dict(temperature=torch.tensor([1.0, -1.0])), ValueError, "temperature values must be >= 0"),
+    (
+        {},
+        dict(temperature=torch.tensor([1.0, INF])),
+        ValueError,
+        "temperature values must be >= 0 and finite",
+    ),
+    ({}, dict(out=(1, 2)), TypeError, "out must be a VerifyBuffers"),
+    (
+        {},
+        dict(out=reference.VerifyBuffers.empty(2, 2, "cpu")),
+        ValueError,
+        "out.tokens must be a contiguous \\[2, 4\\] torch.int64 tensor on cpu, got \\(2, 3\\)",
+    ),
     ({}, dict(seed=-(2**64)), ValueError, "seed must fit in 64 bits"),
     ({}, dict(seed=1.5), TypeError, "seed must be an int"),
     ({}, dict(offset=torch.tensor([1.0])), ValueError, "offset tensor must be int64"),
@@ -407,13 +440,30 @@ def test_triton_interpreter_refuses_bf16():
     inputs = dict(_good(), target_logits=torch.randn(2, 4, 10, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="mishandles bf16"):
         ck.verify(**inputs, backend="triton")
-    # The default picks the reference for bf16 on CPU instead of failing.
+    # The default picks the torch backend for bf16 on CPU instead of failing.
+    assert_same(ck.verify(**inputs), ck.verify(**inputs, backend="torch"))
     assert_valid_output(ck.verify(**inputs), inputs["draft_tokens"], inputs["parents"], 10)
 
 
-def test_default_backend_on_cpu_is_triton_under_the_interpreter(monkeypatch):
+def test_default_backend_on_cpu(monkeypatch):
     from crossspec_kernels.ops._dispatch import pick_backend
+    from crossspec_kernels.ops.verify import SUPPORTED_BACKENDS
 
-    assert pick_backend("verify", None, torch.device("cpu"), torch.float32) == "triton"
+    cpu = torch.device("cpu")
+    assert pick_backend("verify", None, cpu, torch.float32, supported=SUPPORTED_BACKENDS) == "triton"
+    assert pick_backend("verify", None, cpu, torch.bfloat16, supported=SUPPORTED_BACKENDS) == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert pick_backend("verify", None, torch.device("cpu"), torch.float32) == "reference"
+    assert pick_backend("verify", None, cpu, torch.float32, supported=SUPPORTED_BACKENDS) == "torch"
+    # Ops without a torch backend fall back to the reference.
+    assert pick_backend("compact_kv", None, cpu, torch.float32) == "reference"
+
+
+def test_ops_without_a_torch_backend_refuse_it():
+    with pytest.raises(ValueError, match="no 'torch' backend"):
+        ck.compact_kv(
+            [torch.zeros(1, 1, 4, 2)],
+            torch.zeros(1, 1, dtype=torch.int64),
+            torch.zeros(1, dtype=torch.int64),
+            0,
+            backend="torch",
+        )

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
 
-BACKENDS = ("cuda", "triton", "reference")
+BACKENDS = ("cuda", "triton", "torch", "reference")
+# Every op has these; "torch" (vectorised, sync-free PyTorch: crossspec_kernels/torch_ops/) only
+# where an op names it in ``supported``.
+DEFAULT_SUPPORTED = ("cuda", "triton", "reference")
 
 
-@functools.cache
+# Looked up once (a path search, triton itself is not imported): a plain global is also what
+# torch.compile reads best while tracing an op's dispatch.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreting() -> bool:
@@ -21,24 +27,35 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def pick_backend(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+def pick_backend(
+    op: str,
+    backend: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    supported: tuple[str, ...] = DEFAULT_SUPPORTED,
+) -> str:
     """Resolve ``backend`` for tensors on ``device``; raise with the reason when it cannot run.
 
-    Default: CUDA tensors use the CUDA extension when built, else Triton; CPU tensors use the
-    reference, or Triton when TRITON_INTERPRET=1 (that is how CPU tests exercise Triton kernels).
+    Default: CUDA tensors use the CUDA extension when built, else Triton; CPU tensors use Triton
+    when TRITON_INTERPRET=1 (that is how CPU tests exercise Triton kernels) and the dtype is not
+    bf16, else the ``torch`` backend where the op has one (``supported``), else the reference.
     """
+    fallback = "torch" if "torch" in supported else "reference"
     if backend is None:
         if device.type == "cuda":
             from crossspec_kernels import _ext
 
             if _ext.is_available():
                 return "cuda"
-            return "triton" if triton_available() else "reference"
+            return "triton" if triton_available() else fallback
         if device.type == "cpu" and triton_interpreting() and triton_available() and dtype != torch.bfloat16:
             return "triton"
-        return "reference"
+        return fallback
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
+        raise ValueError(f"{op}: backend must be one of {supported} or None, got {backend!r}")
+    if backend not in supported:
+        raise ValueError(f"{op}: there is no {backend!r} backend for this op; use one of {supported} or None")
     if backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")

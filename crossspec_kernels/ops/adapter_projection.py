@@ -9,7 +9,8 @@ Why one extra launch and not a prologue of lm_head_topk: at M <= 64 rows the ada
 to streaming the V x d LM head, and fusing it into lm_head_topk's ~250 vocab-split programs would
 make each of them recompute it.
 
-Inference only: the fused path does not track gradients.
+Inference only: the fused path does not track gradients. Under torch.compile the fused kernel is
+the ``crossspec::bottleneck_adapter`` custom op and the LM head is ``crossspec::lm_head_topk``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from crossspec_kernels.models.adapters import BottleneckAdapter, EagleAdapter, LinearAdapter
-from crossspec_kernels.ops._dispatch import BACKENDS, pick_backend, triton_available, triton_interpreting
+from crossspec_kernels.ops._dispatch import pick_backend, triton_available, triton_interpreting
 from crossspec_kernels.ops.lm_head_topk import _check_k, _check_temperature, lm_head_topk
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,10 +71,9 @@ def adapter_lm_head_topk(
     if adapter is None:
         adapted = hidden
     elif isinstance(adapter, BottleneckAdapter) and backend == "triton":
-        from crossspec_kernels.triton.bottleneck_adapter import bottleneck_adapter
-
         params = {name: None if t is None else t.detach() for name, t in adapter.fused_params().items()}
-        adapted = bottleneck_adapter(hidden.detach(), **params, eps=adapter.eps)
+        fused = torch.ops.crossspec.bottleneck_adapter if torch.compiler.is_compiling() else _fused_bottleneck
+        adapted = fused(hidden.detach(), **params, eps=adapter.eps)
     else:
         with torch.no_grad():
             adapted = adapter(hidden, prev_tokens=prev_tokens, target_hidden=target_hidden)
@@ -87,6 +87,37 @@ def adapter_lm_head_topk(
     return lm_head_topk(
         adapted, lm_head_weight, k, temperature=temperature, return_probs=return_probs, backend=backend
     )
+
+
+def _fused_bottleneck(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """The Triton bottleneck kernel on checked inputs: [M, d_target]."""
+    from crossspec_kernels.triton.bottleneck_adapter import bottleneck_adapter
+
+    return bottleneck_adapter(
+        x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, proj_weight, eps
+    )
+
+
+# The fused kernel as a custom op, so torch.compile can pass through the triton path (the module
+# forward of the reference path and the other adapters is traced as it is; lm_head_topk has its own).
+_bottleneck_adapter_op = torch.library.custom_op("crossspec::bottleneck_adapter", mutates_args=())(
+    _fused_bottleneck
+)
+
+
+@_bottleneck_adapter_op.register_fake
+def _(x, norm_weight, norm_bias, down_weight, down_bias, up_weight, up_bias, proj_weight, eps):
+    return x.new_empty((x.shape[0], up_weight.shape[0]))
 
 
 def _check_adapter(adapter, hidden, weight) -> tuple[int, int]:
@@ -158,7 +189,7 @@ def _resolve_backend(backend, hidden, weight, adapter) -> str:
         raise ValueError(
             f"{_OP}: there is no 'cuda' (C++) backend for this op; use 'triton', 'reference' or None"
         )
-    if backend is not None and backend not in BACKENDS:
+    if backend is not None and backend not in ("triton", "reference"):
         raise ValueError(f"{_OP}: backend must be 'triton', 'reference' or None, got {backend!r}")
     if backend is None:
         if not triton_available() or num_rows > TRITON_MAX_ROWS or not rank_ok:

@@ -4,6 +4,10 @@ Backends: ``triton`` (crossspec_kernels/triton/compact_kv.py, one launch for all
 cache) and ``reference`` (crossspec_kernels/reference.py, the spec). There is no CUDA C++ version:
 the op is a gather of a few rows per head, bound by launch latency, which the Triton kernel
 already pays once per cache.
+
+``crossspec::compact_kv`` is the op as a ``torch.library`` custom op (mutating the cache tensors)
+with a fake implementation: eager calls run the backend directly, torch.compile goes through the
+custom op.
 """
 
 from __future__ import annotations
@@ -61,18 +65,46 @@ def compact_kv(
     cache tensors (static caches), which builds and keeps their pointer table.
     """
     tensors, hf_cache = _cache_tensors(caches)
-    path, num_accepted, tree_start = _check(tensors, path, num_accepted, tree_start)
+    tracing = torch.compiler.is_compiling()
+    if tracing and hf_cache is not None and crop:
+        raise ValueError(
+            "compact_kv: crop=True reads the committed lengths to the host, which torch.compile cannot "
+            "trace; pass crop=False inside compiled code (and crop outside it)"
+        )
+    path, num_accepted, tree_start = _check(tensors, path, num_accepted, tree_start, tracing=tracing)
 
     backend = _resolve_backend(backend, path.device, tensors[0].dtype)
-    if backend == "reference":
-        reference.compact_kv(tensors, path, num_accepted, tree_start)
+    if tracing:
+        torch.ops.crossspec.compact_kv(tensors, path, num_accepted, tree_start, backend)
     else:
-        from crossspec_kernels.triton.compact_kv import compact_kv as triton_compact_kv
-
-        triton_compact_kv(tensors, path, num_accepted, tree_start)
+        _run_backend(tensors, path, num_accepted, tree_start, backend)
 
     if hf_cache is not None and crop:
         _crop(hf_cache, tree_start + 1 + num_accepted)
+
+
+def _run_backend(
+    caches: list[torch.Tensor],
+    path: torch.Tensor,
+    num_accepted: torch.Tensor,
+    tree_start: torch.Tensor,
+    backend: str,
+) -> None:
+    if backend == "reference":
+        reference.compact_kv(caches, path, num_accepted, tree_start)
+    else:
+        from crossspec_kernels.triton.compact_kv import compact_kv as triton_compact_kv
+
+        triton_compact_kv(caches, path, num_accepted, tree_start)
+
+
+# crossspec::compact_kv: the op on checked inputs, writing the caches in place (torch.compile calls it).
+_compact_kv_op = torch.library.custom_op("crossspec::compact_kv", mutates_args=("caches",))(_run_backend)
+
+
+@_compact_kv_op.register_fake
+def _(caches, path, num_accepted, tree_start, backend) -> None:
+    return None
 
 
 def _cache_tensors(caches) -> tuple[list[torch.Tensor], object | None]:
@@ -115,8 +147,8 @@ def _cache_tensors(caches) -> tuple[list[torch.Tensor], object | None]:
     )
 
 
-def _check(tensors, path, num_accepted, tree_start):
-    """Shape/dtype/device checks (no host sync); values too when they are on the CPU.
+def _check(tensors, path, num_accepted, tree_start, *, tracing: bool):
+    """Shape/dtype/device checks (no host sync); values too when they are on the CPU and not traced.
 
     Returns path [B, N] int64 contiguous and num_accepted, tree_start [B] int64 on path's device.
     """
@@ -167,7 +199,7 @@ def _check(tensors, path, num_accepted, tree_start):
             raise ValueError(
                 f"compact_kv: {name} has L = {kv_len} positions, too few for the root and N = {num_nodes} nodes"
             )
-        if cache.numel() and device.type != "meta":
+        if cache.numel() and device.type != "meta" and not tracing:  # no data pointers while tracing
             other = addresses.setdefault(cache.data_ptr(), index)
             if other != index:
                 raise ValueError(
@@ -189,26 +221,30 @@ def _check(tensors, path, num_accepted, tree_start):
     elif isinstance(tree_start, bool) or not isinstance(tree_start, int):
         raise TypeError(f"compact_kv: tree_start must be an int or a tensor, got {type(tree_start).__name__}")
     else:
-        _check_tree_start(torch.tensor([tree_start]), num_nodes, min_len, scalar=True)
+        if not 0 <= tree_start <= min_len - 1 - num_nodes:
+            raise ValueError(_tree_start_error("tree_start", tree_start, num_nodes, min_len))
         tree_start = torch.full((batch,), tree_start, dtype=torch.int64, device=device)
 
     path = path.to(torch.int64).contiguous()
     num_accepted = num_accepted.to(torch.int64).contiguous()
-    if device.type == "cpu":
-        _check_tree_start(tree_start, num_nodes, min_len, scalar=False)
+    if device.type == "cpu" and not tracing:
+        _check_tree_start(tree_start, num_nodes, min_len)
         _check_path(path, num_accepted)
     return path, num_accepted, tree_start
 
 
-def _check_tree_start(tree_start: torch.Tensor, num_nodes: int, kv_len: int, *, scalar: bool) -> None:
+def _check_tree_start(tree_start: torch.Tensor, num_nodes: int, kv_len: int) -> None:
     bad = (tree_start < 0) | (tree_start + 1 + num_nodes > kv_len)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        name = "tree_start" if scalar else f"tree_start[{row}]"
-        raise ValueError(
-            f"compact_kv: {name} = {int(tree_start[row])} out of range: the root and N = {num_nodes} nodes "
-            f"need 0 <= tree_start and tree_start + 1 + N <= L = {kv_len}"
-        )
+        raise ValueError(_tree_start_error(f"tree_start[{row}]", int(tree_start[row]), num_nodes, kv_len))
+
+
+def _tree_start_error(name: str, value: int, num_nodes: int, kv_len: int) -> str:
+    return (
+        f"compact_kv: {name} = {value} out of range: the root and N = {num_nodes} nodes "
+        f"need 0 <= tree_start and tree_start + 1 + N <= L = {kv_len}"
+    )
 
 
 def _check_path(path: torch.Tensor, num_accepted: torch.Tensor) -> None:

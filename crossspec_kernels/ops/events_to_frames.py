@@ -4,6 +4,9 @@ Backends: ``cuda`` (csrc/events_to_frames.cu via crossspec_kernels._C), ``triton
 (crossspec_kernels/triton/events_to_frames.py) and ``reference`` (crossspec_kernels/reference.py,
 the spec). All three are deterministic: the GPU kernels only use integer atomics (bit flags,
 counts, int64 fixed point), so repeated runs give bit-identical outputs.
+
+``crossspec::events_to_frames`` is the op as a ``torch.library`` custom op with a fake
+implementation: eager calls run the backend directly, torch.compile goes through the custom op.
 """
 
 from __future__ import annotations
@@ -84,13 +87,22 @@ def events_to_frames(
     if x.dtype != y.dtype:  # the kernels read both coordinates with one type
         x, y = x.to(torch.int64), y.to(torch.int64)
     x, y, t, p = (v.contiguous() for v in (x, y, t, p))
+    if torch.compiler.is_compiling():  # no value is read while tracing, whatever ``check`` says
+        return torch.ops.crossspec.events_to_frames(
+            x, y, t, p, height, width, representation, num_slices, normalize, backend
+        )
     if device.type == "cpu" or check:
         _check_values(x, y, t, height, width)
+    return _run_backend(x, y, t, p, height, width, representation, num_slices, normalize, backend)
 
+
+def _run_backend(
+    x, y, t, p, height: int, width: int, representation: str, num_slices: int, normalize: bool, backend: str
+):
     if backend == "reference":
         return reference.events_to_frames(
             x, y, t, p, sensor_size=(height, width), representation=representation,
-            num_frames=num_frames, num_bins=num_bins, normalize=normalize,
+            num_frames=num_slices, num_bins=num_slices, normalize=normalize,
         )  # fmt: skip
     if backend == "triton":
         from crossspec_kernels.triton.events_to_frames import events_to_frames as triton_events_to_frames
@@ -103,6 +115,33 @@ def events_to_frames(
     if normalize:
         out = normalize_voxel_grid(out)
     return out
+
+
+@torch.library.custom_op("crossspec::events_to_frames", mutates_args=())
+def _events_to_frames_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    p: torch.Tensor,
+    height: int,
+    width: int,
+    representation: str,
+    num_slices: int,
+    normalize: bool,
+    backend: str,
+) -> torch.Tensor:
+    """crossspec::events_to_frames: the op on checked inputs (torch.compile calls it)."""
+    return _run_backend(x, y, t, p, height, width, representation, num_slices, normalize, backend)
+
+
+@_events_to_frames_op.register_fake
+def _(x, y, t, p, height, width, representation, num_slices, normalize, backend):
+    shape, dtype = {
+        "eventgpt": ((num_slices, 3, height, width), torch.uint8),
+        "histogram": ((2, height, width), torch.int32),
+        "voxel": ((num_slices, height, width), torch.float32),
+    }[representation]
+    return x.new_empty(shape, dtype=dtype)
 
 
 def normalize_voxel_grid(grid: torch.Tensor) -> torch.Tensor:

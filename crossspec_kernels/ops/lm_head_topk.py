@@ -2,6 +2,9 @@
 
 Backends: ``triton`` (crossspec_kernels/triton/lm_head_topk.py) and ``reference``
 (crossspec_kernels/reference.py, the spec). There is no ``cuda`` (C++) backend for this op.
+
+``crossspec::lm_head_topk`` is the op as a ``torch.library`` custom op with a fake implementation:
+eager calls run the backend directly, torch.compile goes through the custom op.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 import torch
 
 from crossspec_kernels import reference
-from crossspec_kernels.ops._dispatch import BACKENDS, pick_backend, triton_available, triton_interpreting
+from crossspec_kernels.ops._dispatch import pick_backend, triton_available, triton_interpreting
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_K = 16
@@ -54,14 +57,40 @@ def lm_head_topk(
         raise TypeError(f"lm_head_topk: return_probs must be a bool, got {type(return_probs).__name__}")
 
     backend = _pick_backend(backend, hidden.device, hidden.dtype, weight.dtype, num_rows)
+    if torch.compiler.is_compiling():
+        logprobs, ids, probs = torch.ops.crossspec.lm_head_topk(
+            hidden, weight, k, temperature, return_probs, backend
+        )
+        return logprobs, ids, probs if return_probs else None
+    return _run_backend(hidden, weight, k, temperature, return_probs, backend)
+
+
+def _run_backend(hidden, weight, k: int, temperature: float, return_probs: bool, backend: str):
     if backend == "reference":
         return reference.lm_head_topk(hidden, weight, k, temperature=temperature, return_probs=return_probs)
-
     from crossspec_kernels.triton.lm_head_topk import lm_head_topk as triton_lm_head_topk
 
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     return triton_lm_head_topk(hidden, weight, k, temperature, return_probs)
+
+
+# A custom op cannot return None: without return_probs, probs is an empty [0] tensor here.
+@torch.library.custom_op("crossspec::lm_head_topk", mutates_args=())
+def _lm_head_topk_op(
+    hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, return_probs: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """crossspec::lm_head_topk: the op on checked inputs (torch.compile calls it)."""
+    logprobs, ids, probs = _run_backend(hidden, weight, k, temperature, return_probs, backend)
+    return logprobs, ids, hidden.new_empty(0, dtype=torch.float32) if probs is None else probs
+
+
+@_lm_head_topk_op.register_fake
+def _(hidden, weight, k, temperature, return_probs, backend):
+    num_rows, vocab = hidden.shape[0], weight.shape[0]
+    new = hidden.new_empty
+    probs = new((num_rows, vocab) if return_probs else (0,), dtype=torch.float32)
+    return new((num_rows, k), dtype=torch.float32), new((num_rows, k), dtype=torch.int64), probs
 
 
 def _pick_backend(
@@ -76,7 +105,7 @@ def _pick_backend(
             "lm_head_topk: there is no 'cuda' (C++) backend for this op; use backend='triton', "
             "'reference' or None"
         )
-    if backend is not None and backend not in BACKENDS:
+    if backend is not None and backend not in ("triton", "reference"):
         raise ValueError(f"lm_head_topk: backend must be 'triton', 'reference' or None, got {backend!r}")
     any_bf16 = torch.bfloat16 in (hidden_dtype, weight_dtype)
     if backend is None:

@@ -15,7 +15,7 @@ import math
 import torch
 
 from crossspec_kernels import reference
-from crossspec_kernels.ops._dispatch import BACKENDS, pick_backend, triton_available, triton_interpreting
+from crossspec_kernels.ops._dispatch import pick_backend, triton_available, triton_interpreting
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int64, torch.int32)
@@ -66,6 +66,7 @@ def tree_attention(
     tree_mask: torch.Tensor | None = None,
     *,
     kv_start: int | torch.Tensor | None = None,
+    kv_end: int | torch.Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -77,14 +78,22 @@ def tree_attention(
             head h // (Hq / Hkv)). Any strides with a unit-stride head dim (HF cache views).
         tree_mask: query i may attend tree node j. bool [Q, Q] or [B, Q, Q], or int32 bits from
             :func:`pack_tree_mask` ([Q, W] or [1 or B, Q, W]; the dtype tells them apart). None =
-            causal among the Q nodes (a chain). Every position < L - Q (the prefix) is visible.
-        kv_start: int or [B] integer tensor in [0, L - Q]: positions < kv_start[b] are left padding,
-            visible to nobody. Values are range-checked only when on the CPU (reading a CUDA tensor
-            is a host sync); the triton kernel treats any value as the reference does.
+            causal among the Q nodes (a chain). Every position before the tree (the prefix) is
+            visible.
+        kv_start: int or [B] integer tensor: positions < kv_start[b] are left padding, visible to
+            nobody. In [0, kv_end[b] - Q].
+        kv_end: int or [B] integer tensor in [Q, L], default L: row b's cache ends at kv_end[b]
+            (positions >= kv_end[b] are invisible, and its Q tree nodes are the positions
+            kv_end[b] - Q .. kv_end[b] - 1). One batched call over a fixed-capacity cache whose rows
+            have different lengths.
         scale: softmax scale, default D ** -0.5.
         backend: "triton" or "reference"; None = triton for CUDA tensors when the head dim is one
             it supports (64, 80, 96, 128), else the reference; on CPU the reference, or triton
             under TRITON_INTERPRET=1. There is no "cuda" backend for this op.
+
+    kv_start and kv_end values are range-checked only on the CPU and outside torch.compile
+    (reading a CUDA tensor is a host sync); elsewhere every backend gives any value the reference's
+    meaning (``reference.tree_visibility``).
 
     Returns:
         [B, Hq, Q, D] in q's dtype; a query that sees no position gets zeros.
@@ -93,21 +102,82 @@ def tree_attention(
     batch, _, num_queries, head_dim = q.shape
     kv_len = k.shape[2]
     device = q.device
-    packed_mask, bool_mask = _check_tree_mask(tree_mask, batch, num_queries, device)
-    kv_start = _check_kv_start(kv_start, batch, num_queries, kv_len, device)
+    _check_tree_mask(tree_mask, batch, num_queries, device)
+    read_values = not torch.compiler.is_compiling()
+    kv_start = _kv_rows(
+        "kv_start", kv_start, batch, device, read_values, "[0, L - Q]", 0, kv_len - num_queries
+    )
+    kv_end = _kv_rows("kv_end", kv_end, batch, device, read_values, "[Q, L]", num_queries, kv_len)
+    both = kv_start is not None and kv_end is not None
+    if both and read_values and device.type == "cpu" and bool((kv_start > kv_end - num_queries).any()):
+        raise ValueError(
+            "tree_attention: kv_start must be <= kv_end - Q in every row (padding ends before the "
+            f"tree), got kv_start {kv_start.tolist()} and kv_end {kv_end.tolist()} with Q = {num_queries}"
+        )
     scale = _check_scale(scale, head_dim)
-
     backend = _pick_backend(backend, device, q.dtype, head_dim)
-    if backend == "reference":
-        if bool_mask is None and packed_mask is not None:
-            bool_mask = unpack_tree_mask(packed_mask, num_queries)
-        return reference.tree_attention(q, k, v, bool_mask, kv_start=kv_start, scale=scale)
+    return run_tree_attention(q, k, v, tree_mask, kv_start, kv_end, scale, backend)
 
+
+def run_tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    kv_start: torch.Tensor | None,
+    kv_end: torch.Tensor | None,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """``tree_attention`` without validation or dispatch: what a model calls in every layer with a
+    plan built (and checked) once per forward.
+
+    tree_mask: None (causal), or preferably the int32 [1 or B, Q, W] of ``pack_tree_mask`` (a bool
+    mask is packed, or for the reference unpacked, on every call); kv_start, kv_end: [B] integer
+    tensors or None (0 and L); scale: a float; backend: "triton" or "reference". Under
+    torch.compile this is the ``crossspec::tree_attention`` custom op. Nothing is checked.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.crossspec.tree_attention(q, k, v, tree_mask, kv_start, kv_end, scale, backend)
+    return _run_backend(q, k, v, tree_mask, kv_start, kv_end, scale, backend)
+
+
+def _run_backend(q, k, v, tree_mask, kv_start, kv_end, scale: float, backend: str) -> torch.Tensor:
+    packed = tree_mask is not None and tree_mask.dtype == torch.int32
+    if backend == "reference":
+        if packed:
+            tree_mask = unpack_tree_mask(tree_mask, q.shape[2])
+        return reference.tree_attention(q, k, v, tree_mask, kv_start=kv_start, kv_end=kv_end, scale=scale)
     from crossspec_kernels.triton.tree_attention import tree_attention as triton_tree_attention
 
-    if packed_mask is None and bool_mask is not None:
-        packed_mask = pack_tree_mask(bool_mask)
-    return triton_tree_attention(q, k, v, packed_mask, kv_start, scale)
+    if tree_mask is not None:
+        if not packed:
+            tree_mask = pack_tree_mask(tree_mask)
+        elif tree_mask.dim() == 2:
+            tree_mask = tree_mask[None]
+        if tree_mask.stride(-1) != 1:
+            tree_mask = tree_mask.contiguous()
+    return triton_tree_attention(q, k, v, tree_mask, kv_start, scale, kv_end=kv_end)
+
+
+@torch.library.custom_op("crossspec::tree_attention", mutates_args=())
+def _tree_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    kv_start: torch.Tensor | None,
+    kv_end: torch.Tensor | None,
+    scale: float,
+    backend: str,
+) -> torch.Tensor:
+    """crossspec::tree_attention: ``run_tree_attention`` eagerly; a new [B, Hq, Q, D] tensor."""
+    return _run_backend(q, k, v, tree_mask, kv_start, kv_end, scale, backend)
+
+
+@_tree_attention_op.register_fake
+def _(q, k, v, tree_mask, kv_start, kv_end, scale, backend):
+    return q.new_empty(q.shape)
 
 
 def _pick_backend(backend: str | None, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
@@ -116,7 +186,7 @@ def _pick_backend(backend: str | None, device: torch.device, dtype: torch.dtype,
             "tree_attention: there is no 'cuda' (C++) backend for this op; use backend='triton', "
             "'reference' or None"
         )
-    if backend is not None and backend not in BACKENDS:
+    if backend is not None and backend not in ("triton", "reference"):
         raise ValueError(f"tree_attention: backend must be 'triton', 'reference' or None, got {backend!r}")
     if backend is None:
         triton_can_run = triton_available() and head_dim in TRITON_HEAD_DIMS
@@ -190,10 +260,9 @@ def _check_qkv(q, k, v) -> None:
             )
 
 
-def _check_tree_mask(tree_mask, batch: int, num_queries: int, device: torch.device):
-    """(packed int32 [1 or B, Q, W] or None, bool [Q, Q] / [B, Q, Q] or None)."""
+def _check_tree_mask(tree_mask, batch: int, num_queries: int, device: torch.device) -> None:
     if tree_mask is None:
-        return None, None
+        return
     if not isinstance(tree_mask, torch.Tensor):
         raise TypeError(
             f"tree_attention: tree_mask must be a torch.Tensor or None, got {type(tree_mask).__name__}"
@@ -206,54 +275,51 @@ def _check_tree_mask(tree_mask, batch: int, num_queries: int, device: torch.devi
                 f"tree_attention: bool tree_mask must be [Q, Q] = [{num_queries}, {num_queries}] or "
                 f"[B, Q, Q] = [{batch}, {num_queries}, {num_queries}], got shape {tuple(tree_mask.shape)}"
             )
-        return None, tree_mask
-    if tree_mask.dtype == torch.int32:
+    elif tree_mask.dtype == torch.int32:
         words = math.ceil(num_queries / BITS_PER_WORD)
-        packed = tree_mask if tree_mask.dim() == 3 else tree_mask[None]
-        if (
-            tree_mask.dim() not in (2, 3)
-            or packed.shape[1:] != (num_queries, words)
-            or packed.shape[0]
-            not in (
-                1,
-                batch,
-            )
+        if tree_mask.shape not in (
+            (num_queries, words),
+            (1, num_queries, words),
+            (batch, num_queries, words),
         ):
             raise ValueError(
                 f"tree_attention: packed (int32) tree_mask must be [Q, W] = [{num_queries}, {words}] or "
                 f"[1 or B, Q, W] with B = {batch} (see pack_tree_mask), got shape {tuple(tree_mask.shape)}"
             )
-        return (packed if packed.stride(-1) == 1 else packed.contiguous()), None
-    raise ValueError(
-        f"tree_attention: tree_mask must be bool (dense) or int32 (from pack_tree_mask), got {tree_mask.dtype}"
-    )
-
-
-def _check_kv_start(kv_start, batch: int, num_queries: int, kv_len: int, device: torch.device):
-    if kv_start is None:
-        return None
-    limit = kv_len - num_queries
-    if isinstance(kv_start, torch.Tensor):
-        if kv_start.dtype not in _INT_DTYPES:
-            raise ValueError(f"tree_attention: kv_start must be an integer tensor, got {kv_start.dtype}")
-        if kv_start.shape != (batch,):
-            raise ValueError(
-                f"tree_attention: kv_start must be a [B] = [{batch}] tensor, got shape {tuple(kv_start.shape)}"
-            )
-        if kv_start.device != device:
-            raise ValueError(f"tree_attention: kv_start is on {kv_start.device} but q is on {device}")
-        if kv_start.device.type == "cpu" and bool(((kv_start < 0) | (kv_start > limit)).any()):
-            raise ValueError(
-                f"tree_attention: kv_start values must be in [0, L - Q] = [0, {limit}], got {kv_start.tolist()}"
-            )
-        return kv_start if kv_start.stride(0) == 1 else kv_start.contiguous()
-    if isinstance(kv_start, bool) or not isinstance(kv_start, int):
-        raise TypeError(
-            f"tree_attention: kv_start must be an int, a [B] tensor or None, got {type(kv_start).__name__}"
+    else:
+        raise ValueError(
+            f"tree_attention: tree_mask must be bool (dense) or int32 (from pack_tree_mask), got {tree_mask.dtype}"
         )
-    if not 0 <= kv_start <= limit:
-        raise ValueError(f"tree_attention: kv_start must be in [0, L - Q] = [0, {limit}], got {kv_start}")
-    return torch.full((batch,), kv_start, dtype=torch.int32, device=device)
+
+
+def _kv_rows(
+    name: str, value, batch: int, device: torch.device, read_values: bool, span: str, low: int, high: int
+):
+    """kv_start / kv_end as a [B] integer tensor (None stays None), values in [low, high] (``span``
+    names that range): always for an int, for a tensor only where reading it is free."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in _INT_DTYPES:
+            raise ValueError(f"tree_attention: {name} must be an integer tensor, got {value.dtype}")
+        if value.shape != (batch,):
+            raise ValueError(
+                f"tree_attention: {name} must be a [B] = [{batch}] tensor, got shape {tuple(value.shape)}"
+            )
+        if value.device != device:
+            raise ValueError(f"tree_attention: {name} is on {value.device} but q is on {device}")
+        if read_values and device.type == "cpu" and bool(((value < low) | (value > high)).any()):
+            raise ValueError(
+                f"tree_attention: {name} values must be in {span} = [{low}, {high}], got {value.tolist()}"
+            )
+        return value if value.stride(0) == 1 else value.contiguous()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"tree_attention: {name} must be an int, a [B] tensor or None, got {type(value).__name__}"
+        )
+    if not low <= value <= high:
+        raise ValueError(f"tree_attention: {name} must be in {span} = [{low}, {high}], got {value}")
+    return torch.full((batch,), value, dtype=torch.int32, device=device)
 
 
 def _check_scale(scale, head_dim: int) -> float:

@@ -1,20 +1,31 @@
 """Rejection resampling over draft chains and trees: validation and backend dispatch.
 
 Backends: ``cuda`` (csrc/verify.cu via crossspec_kernels._C), ``triton``
-(crossspec_kernels/triton/verify.py) and ``reference`` (crossspec_kernels/reference.py, the spec).
+(crossspec_kernels/triton/verify.py), ``torch`` (crossspec_kernels/torch_ops/verify.py: vectorised
+PyTorch, sync-free, traceable by torch.compile) and ``reference`` (crossspec_kernels/reference.py,
+the spec). All four give the same tokens for the same inputs and seed.
+
+``crossspec::verify`` is the op as a ``torch.library`` custom op with a fake implementation. In
+eager mode ``verify`` calls the backend directly (the custom-op dispatcher would add host time on
+every round); under ``torch.compile`` the torch backend is traced inline (so the compiler can fuse
+it) and the other backends go through the custom op (see ``run_verify``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from crossspec_kernels import reference
 from crossspec_kernels.ops._dispatch import pick_backend
 from crossspec_kernels.reference import MAX_BATCH, MAX_SLOTS, MAX_VOCAB, VerifyBuffers, VerifyOutput
+from crossspec_kernels.torch_ops.verify import verify as _torch_verify
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int64, torch.int32)
 _UINT64_RANGE = (-(1 << 63), (1 << 64) - 1)
+SUPPORTED_BACKENDS = ("cuda", "triton", "torch", "reference")
 
 
 def verify(
@@ -28,6 +39,7 @@ def verify(
     offset: int | torch.Tensor = 0,
     backend: str | None = None,
     validate_tree: bool = True,
+    out: VerifyBuffers | None = None,
 ) -> VerifyOutput:
     """Accept the longest draft path the target agrees with, plus one correction/bonus token.
 
@@ -38,32 +50,114 @@ def verify(
             batches): never accepted, and neither are their descendants.
         parents: [B, N] or [N] parent of each node in [-1, i) (-1 = root); None = a chain.
         draft_probs: [B, N+1, V] distribution each node's children were drawn from (recursive
-            rejection sampling), or None for deterministic candidates such as top-k.
-        temperature: float or [B] tensor; 0 = greedy. Tensor values that are not > 0 are greedy.
+            rejection sampling), or None for deterministic candidates such as top-k. A child x whose
+            q(x) is not finite and > 0 (NaN, inf, 0, negative) cannot have been drawn from q: it is
+            rejected without changing the residual, so no draft is ever accepted on the basis of
+            such a value; when every child is rejected the emitted token is drawn from the residual
+            of the children tried (the target distribution itself when none was), and the output
+            keeps the target's law whenever the children really were drawn from q.
+        temperature: float or [B] tensor; 0 = greedy. Must be finite and >= 0 (ValueError
+            otherwise, for a float and for a CPU tensor's values). Device tensor values are not
+            read: there a value that is not finite and > 0 (NaN, inf, negative, 0) is greedy, on
+            every backend. A Python 0 lets the torch backend skip the sampling work entirely.
         seed, offset: int or [B] int64 tensors keying the Philox noise (uint64 bits); tensors keep
             the op free of host syncs and capturable in a CUDA graph.
-        backend: "cuda", "triton" or "reference"; None picks the fastest that can run.
-        validate_tree: check parent values (parent in [-1, i)). Reading a CUDA tensor's values
-            costs a host sync: pass False inside CUDA graphs and hot loops, where malformed nodes
-            are treated as absent instead.
+        backend: "cuda", "triton", "torch" or "reference"; None picks: CUDA tensors -> cuda when the
+            extension is built, else triton, else torch; CPU tensors -> torch, or triton under
+            TRITON_INTERPRET=1 (not bf16).
+        validate_tree: read tensor values to validate them: parents (in [-1, i)) and, for CPU
+            tensors, the temperature values. Reading a CUDA tensor's values costs a host sync: pass
+            False inside CUDA graphs and hot loops (the engine's round), where malformed nodes are
+            treated as absent instead. Under torch.compile no value is read either way.
+        out: preallocated ``VerifyBuffers.empty(B, N, device)``, reused every round: the results are
+            written into out.tokens, out.num_accepted and out.path and those very tensors are
+            returned (cuda/triton also use out.next_child and out.emitted as workspace). None
+            allocates new tensors.
 
     Returns:
         VerifyOutput(tokens [B, N+1], num_accepted [B], path [B, N]), int64, -1 padded.
+
+    Host syncs: none on any backend but the reference when ``validate_tree=False`` (or the values
+    live on the CPU). For the least host time per round call ``run_verify`` with inputs normalised
+    once (see there).
     """
     target_logits, draft_tokens, parents, draft_probs = _check_tensors(
         target_logits, draft_tokens, parents, draft_probs
     )
     batch, num_nodes = draft_tokens.shape
     device = target_logits.device
-    if validate_tree:
+    read_values = validate_tree and not torch.compiler.is_compiling()
+    if read_values and parents is not None:
         _check_tree(parents)
-    temperature = _per_row_temperature(temperature, batch, device)
-    seed = _per_row_uint64("seed", seed, batch, device)
-    offset = _per_row_uint64("offset", offset, batch, device)
+    backend = pick_backend("verify", backend, device, target_logits.dtype, supported=SUPPORTED_BACKENDS)
+    if out is not None:
+        _check_out(out, batch, num_nodes, device)
+    if backend == "torch" and _is_zero(temperature):  # every row greedy: no noise is needed
+        temperature_rows = None
+        seed_rows = _per_row_uint64("seed", seed, batch, device, materialize=False)
+        offset_rows = _per_row_uint64("offset", offset, batch, device, materialize=False)
+    else:
+        temperature_rows = _per_row_temperature(temperature, batch, device, read_values)
+        seed_rows = _per_row_uint64("seed", seed, batch, device)
+        offset_rows = _per_row_uint64("offset", offset, batch, device)
+    return run_verify(
+        target_logits,
+        draft_tokens,
+        parents,
+        draft_probs,
+        temperature_rows,
+        seed_rows,
+        offset_rows,
+        backend=backend,
+        out=out,
+    )
 
-    backend = pick_backend("verify", backend, device, target_logits.dtype)
+
+def run_verify(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor | None,
+    draft_probs: torch.Tensor | None,
+    temperature: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    *,
+    backend: str,
+    out: VerifyBuffers | None = None,
+) -> VerifyOutput:
+    """``verify`` without validation or dispatch: the hot-path entry point for a caller (the engine's
+    round) that checked its inputs once and keeps them in the normalised form.
+
+    Inputs as ``verify`` would pass them on: target_logits [B, N+1, V] (unit-stride V), draft_tokens
+    [B, N] int64 contiguous, parents [B, N] or [N] int64 contiguous or None (chain), draft_probs
+    [B, N+1, V] (unit-stride V) or None, temperature [B] fp32, seed and offset [B] int64, ``backend``
+    a name ``verify`` resolved (one of SUPPORTED_BACKENDS), ``out`` as in ``verify``. temperature,
+    seed and offset may all be None: every row greedy (the torch backend then skips the noise).
+    Nothing is checked: wrong shapes give wrong results or, on cuda/triton, out-of-bounds reads.
+
+    Under torch.compile the torch backend is traced inline (the compiler can fuse it); the others
+    are opaque to it and go through the ``crossspec::verify`` custom op.
+    """
+    args = (target_logits, draft_tokens, parents, draft_probs, temperature, seed, offset)
+    if backend == "torch":
+        return _torch_verify(*args, out=out)
+    if torch.compiler.is_compiling():
+        result = torch.ops.crossspec.verify(*args, backend)
+        return VerifyOutput(*result) if out is None else out.fill(*result)
+    return _run_backend(*args, backend=backend, out=out)
+
+
+def _run_backend(
+    target_logits, draft_tokens, parents, draft_probs, temperature, seed, offset, *, backend, out
+) -> VerifyOutput:
+    """The reference, triton or cuda backend, eagerly."""
+    batch, num_nodes = draft_tokens.shape
+    device = target_logits.device
+    if temperature is None:
+        temperature = torch.zeros(batch, dtype=torch.float32, device=device)
+        seed = offset = torch.zeros(batch, dtype=torch.int64, device=device)
     if backend == "reference":
-        return reference.verify(
+        result = reference.verify(
             target_logits,
             draft_tokens,
             parents,
@@ -72,8 +166,11 @@ def verify(
             seed=seed,
             offset=offset,
         )
+        return result if out is None else out.fill(*result)
+    if parents is None:
+        parents = reference.chain_parents(num_nodes, device)
     args = (target_logits, draft_tokens, parents.expand(batch, num_nodes).contiguous(), draft_probs)
-    buffers = VerifyBuffers.empty(batch, num_nodes, device)
+    buffers = VerifyBuffers.empty(batch, num_nodes, device) if out is None else out
     if backend == "triton":
         from crossspec_kernels.triton.verify import verify as triton_verify
 
@@ -81,6 +178,36 @@ def verify(
     else:
         _cuda_verify(*args, temperature=temperature, seed=seed, offset=offset, buffers=buffers)
     return VerifyOutput(buffers.tokens, buffers.num_accepted, buffers.path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom op (torch.compile, CUDA graphs through compiled regions)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("crossspec::verify", mutates_args=())
+def _verify_op(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor | None,
+    draft_probs: torch.Tensor | None,
+    temperature: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """crossspec::verify: ``run_verify`` on inputs ``verify`` has checked; new output tensors."""
+    args = (target_logits, draft_tokens, parents, draft_probs, temperature, seed, offset)
+    if backend == "torch":
+        return tuple(_torch_verify(*args))
+    return tuple(_run_backend(*args, backend=backend, out=None))
+
+
+@_verify_op.register_fake
+def _(target_logits, draft_tokens, parents, draft_probs, temperature, seed, offset, backend):
+    batch, num_nodes = draft_tokens.shape
+    new = draft_tokens.new_empty
+    return new((batch, num_nodes + 1)), new((batch,)), new((batch, num_nodes))
 
 
 def _check_tensors(target_logits, draft_tokens, parents, draft_probs):
@@ -120,7 +247,7 @@ def _check_tensors(target_logits, draft_tokens, parents, draft_probs):
         raise ValueError(f"verify: draft_tokens is on {draft_tokens.device} but target_logits is on {device}")
 
     if parents is None:
-        parents = reference.chain_parents(num_nodes, device)
+        pass  # a chain: backends that need an array build it
     elif not isinstance(parents, torch.Tensor):
         raise TypeError(f"verify: parents must be a torch.Tensor or None, got {type(parents).__name__}")
     elif parents.dtype not in _INT_DTYPES:
@@ -157,7 +284,7 @@ def _check_tensors(target_logits, draft_tokens, parents, draft_probs):
     return (
         _last_dim_contiguous(target_logits),
         draft_tokens.to(torch.int64).contiguous(),
-        parents.to(torch.int64).contiguous(),
+        None if parents is None else parents.to(torch.int64).contiguous(),
         draft_probs,
     )
 
@@ -183,7 +310,11 @@ def _check_tree(parents: torch.Tensor) -> None:
         )
 
 
-def _per_row_temperature(temperature, batch: int, device) -> torch.Tensor:
+def _is_zero(temperature) -> bool:
+    return not isinstance(temperature, (torch.Tensor, bool)) and temperature == 0
+
+
+def _per_row_temperature(temperature, batch: int, device, read_values: bool) -> torch.Tensor:
     if isinstance(temperature, torch.Tensor):
         if not temperature.is_floating_point():
             raise ValueError(f"verify: temperature tensor must be floating point, got {temperature.dtype}")
@@ -195,17 +326,21 @@ def _per_row_temperature(temperature, batch: int, device) -> torch.Tensor:
             raise ValueError(
                 f"verify: temperature is on {temperature.device} but target_logits is on {device}"
             )
-        if temperature.device.type == "cpu" and bool((torch.isnan(temperature) | (temperature < 0)).any()):
-            raise ValueError(f"verify: temperature values must be >= 0, got {temperature.tolist()}")
+        cpu_values = read_values and temperature.device.type == "cpu"
+        if cpu_values and not bool(((temperature >= 0) & (temperature < math.inf)).all()):
+            raise ValueError(
+                f"verify: temperature values must be >= 0 and finite, got {temperature.tolist()}"
+            )
         return temperature.to(torch.float32).expand(batch).contiguous()
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"verify: temperature must be a float or a tensor, got {type(temperature).__name__}")
-    if not temperature >= 0:  # also rejects NaN
-        raise ValueError(f"verify: temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:  # also rejects NaN
+        raise ValueError(f"verify: temperature must be >= 0 and finite, got {temperature}")
     return torch.full((batch,), float(temperature), dtype=torch.float32, device=device)
 
 
-def _per_row_uint64(name: str, value, batch: int, device) -> torch.Tensor:
+def _per_row_uint64(name: str, value, batch: int, device, materialize: bool = True) -> torch.Tensor | None:
+    """[B] int64 tensor of the uint64 bits (None when only checking: ``materialize=False``)."""
     if isinstance(value, torch.Tensor):
         if value.dtype != torch.int64:
             raise ValueError(f"verify: {name} tensor must be int64, got {value.dtype}")
@@ -215,14 +350,48 @@ def _per_row_uint64(name: str, value, batch: int, device) -> torch.Tensor:
             )
         if value.device != device:
             raise ValueError(f"verify: {name} is on {value.device} but target_logits is on {device}")
-        return value.expand(batch).contiguous()
+        return value.expand(batch).contiguous() if materialize else None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"verify: {name} must be an int or an int64 tensor, got {type(value).__name__}")
     low, high = _UINT64_RANGE
     if not low <= value <= high:
         raise ValueError(f"verify: {name} must fit in 64 bits, got {value}")
+    if not materialize:
+        return None
     signed = value - (1 << 64) if value >= (1 << 63) else value  # same uint64 bits in an int64
     return torch.full((batch,), signed, dtype=torch.int64, device=device)
+
+
+def _check_out(out, batch: int, num_nodes: int, device) -> None:
+    if not isinstance(out, VerifyBuffers):
+        raise TypeError(
+            f"verify: out must be a VerifyBuffers (VerifyBuffers.empty(B, N, device)) or None, got "
+            f"{type(out).__name__}"
+        )
+    slots = (batch, num_nodes + 1)
+    expected = {
+        "tokens": (slots, torch.int64),
+        "num_accepted": ((batch,), torch.int64),
+        "path": ((batch, num_nodes), torch.int64),
+        "next_child": (slots, torch.int32),
+        "emitted": (slots, torch.int64),
+    }
+    for name, buffer in zip(out._fields, out, strict=True):
+        shape, dtype = expected[name]
+        if not isinstance(buffer, torch.Tensor):
+            got = type(buffer).__name__
+        elif (buffer.shape, buffer.dtype, buffer.device) != (
+            shape,
+            dtype,
+            device,
+        ) or not buffer.is_contiguous():
+            got = f"{tuple(buffer.shape)} {buffer.dtype} on {buffer.device}"
+            got += "" if buffer.is_contiguous() else " (not contiguous)"
+        else:
+            continue
+        raise ValueError(
+            f"verify: out.{name} must be a contiguous {list(shape)} {dtype} tensor on {device}, got {got}"
+        )
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

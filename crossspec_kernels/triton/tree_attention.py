@@ -16,6 +16,9 @@ Flash-decoding with the whole draft tree of a kv head in one tile of queries:
   cut short) evaluate visibility, reading the tree as packed bits: word j // 32 of row i, bit j % 32.
 * Left padding: a row's loop starts at kv_start[b], which also hides any position before it, as in
   the reference (a start past L - Q hides tree nodes too; the op checks the range on CPU).
+* Per-row lengths: with kv_end, row b's loop stops at kv_end[b] and its tree is the Q positions
+  before it, so rows of one fixed-capacity cache that accepted different numbers of drafts share
+  one launch; positions at or past kv_end[b] are never read.
 * Softmax runs in base 2 with the scale folded into the exponent, in fp32; rows that see nothing
   end with l = 0 and write zeros.
 
@@ -71,6 +74,7 @@ def _tree_attention_split_kernel(
     v_ptr,
     mask_ptr,
     kv_start_ptr,
+    kv_end_ptr,
     out_ptr,
     partial_out_ptr,
     partial_lse_ptr,
@@ -102,6 +106,7 @@ def _tree_attention_split_kernel(
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KV_START: tl.constexpr,
+    HAS_KV_END: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -129,9 +134,19 @@ def _tree_attention_split_kernel(
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
 
-    prefix = kv_len - num_queries
+    # Row b's keys end at kv_end[b] (its last Q positions are the tree); splits cover the whole
+    # capacity L, so those past a row's end see nothing and the merge weighs them 0.
+    if HAS_KV_END:
+        # Clamping to [0, L + Q] changes no visibility (see reference.tree_visibility) and keeps
+        # the arithmetic in int32.
+        end = tl.minimum(tl.maximum(tl.load(kv_end_ptr + batch), 0), kv_len + num_queries).to(tl.int32)
+        prefix = end - num_queries
+        stop = tl.minimum(end, kv_len)
+    else:
+        prefix = kv_len - num_queries
+        stop = kv_len
     lo = split * split_len
-    hi = tl.minimum(lo + split_len, kv_len)
+    hi = tl.minimum(lo + split_len, stop)
     if HAS_KV_START:
         start = tl.load(kv_start_ptr + batch)
         start = tl.minimum(tl.maximum(start, 0), kv_len).to(tl.int32)  # reference semantics, no overflow
@@ -346,9 +361,18 @@ def split_length(kv_len: int, num_splits: int, block_n: int) -> int:
 def launch_plan(q: torch.Tensor, k: torch.Tensor, num_splits: int | None = None) -> LaunchPlan:
     """Tiles, warps and splits for q [B, Hq, Q, D], k [B, Hkv, L, D], from shapes and dtype only
     (no tensor values: capturable). ``num_splits`` overrides the model (tests, tuning)."""
-    batch, q_heads, num_queries, head_dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    tiles = TILE_CONFIGS[q.dtype]
+    return _launch_plan(
+        *q.shape, *k.shape[1:3], q.dtype, k.element_size(), num_multiprocessors(q.device), num_splits
+    )
+
+
+# Every layer of a forward asks for the same shapes: plan once per shape, not once per call (the
+# split search is a Python loop). Bounded, because a growing cache makes a new L every step.
+@functools.lru_cache(maxsize=4096)
+def _launch_plan(
+    batch, q_heads, num_queries, head_dim, kv_heads, kv_len, dtype, itemsize, multiprocessors, num_splits
+) -> LaunchPlan:
+    tiles = TILE_CONFIGS[dtype]
     rows = q_heads // kv_heads * num_queries
     block_m = min(tiles.max_block_m, max(MIN_BLOCK_M, triton.next_power_of_2(rows)))
     if num_splits is None:
@@ -358,8 +382,8 @@ def launch_plan(q: torch.Tensor, k: torch.Tensor, num_splits: int | None = None)
             rows,
             kv_len,
             head_dim,
-            k.element_size(),
-            num_multiprocessors(q.device),
+            itemsize,
+            multiprocessors,
             block_m=block_m,
             block_n=tiles.block_n,
         )
@@ -389,12 +413,14 @@ def tree_attention(
     kv_start: torch.Tensor | None,
     scale: float,
     *,
+    kv_end: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Launcher. Inputs come checked from ops/tree_attention.py: q [B, Hq, Q, D], k and v
     [B, Hkv, L, D] with unit-stride head dims; packed_mask int32 [1 or B, Q, ceil(Q/32)] with
-    unit-stride words, or None for causal; kv_start [B] integer or None. ``num_splits`` overrides
-    the heuristic (tests use it). Returns a new contiguous [B, Hq, Q, D] tensor in q's dtype."""
+    unit-stride words, or None for causal; kv_start and kv_end [B] integer or None (0 and L).
+    ``num_splits`` overrides the heuristic (tests use it). Returns a new contiguous [B, Hq, Q, D]
+    tensor in q's dtype."""
     batch, q_heads, num_queries, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     # (1) check what the kernel itself relies on
@@ -437,6 +463,7 @@ def tree_attention(
         v,
         mask_arg,
         q if kv_start is None else kv_start,
+        q if kv_end is None else kv_end,
         out,
         partial_out,
         partial_lse,
@@ -467,6 +494,7 @@ def tree_attention(
         BLOCK_D=block_d,
         CAUSAL=causal,
         HAS_KV_START=kv_start is not None,
+        HAS_KV_END=kv_end is not None,
         SINGLE_SPLIT=single,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=plan.num_warps,

@@ -10,7 +10,9 @@ Two launches, no host syncs:
 
 Recursive rejection with several i.i.d. children keeps no residual vector. After rejecting i
 children of a node, the residual is p_i = (p - A_i q)+ / S_i with A_0 = 0, S_0 = 1 and, on each
-rejection, A <- A + S, S <- sum((p - A q)+) (unchanged if that sum is 0). This closed form equals
+rejection, A <- A + S, S <- sum((p - A q)+) (unchanged if that sum is 0); a child with q(x) = 0
+(q read as 0 where it is not finite and > 0) could not have been drawn from q and is skipped, neither
+accepted nor counted as a rejection. This closed form equals
 the literal p <- norm((p - q)+) recursion of the reference, so a node needs two scalars and one
 extra pass over the vocabulary per rejected child. Samples come from the exponential race
 argmax r(x) / E(x), E ~ Exp(1) from Philox, which needs no normalisation and no CDF.
@@ -154,6 +156,13 @@ def _race_update(keys, start, best_key, best_id):
 
 
 @triton.jit
+def _draft_prob(q):
+    """q in fp32 with every value that is not finite and > 0 (NaN, inf, negative) read as 0."""
+    q = q.to(tl.float32)
+    return tl.where((q > 0) & (q < float("inf")), q, 0.0)
+
+
+@triton.jit
 def _first_child(
     tokens_row,
     parents_row,
@@ -216,7 +225,7 @@ def _verify_nodes_kernel(
     child = num_nodes  # num_nodes = no child accepted
     emitted = -1
     if (own_token >= 0) & (own_token < vocab):  # absent nodes decide nothing
-        if temperature > 0:
+        if (temperature > 0) & (temperature < float("inf")):  # else greedy (0, NaN, inf)
             z_max = _row_max(logits_row, vocab, temperature, BLOCK_V)
             seed = tl.load(seed_ptr + row)
             offset = tl.load(offset_ptr + row)
@@ -238,15 +247,18 @@ def _verify_nodes_kernel(
                     x = tl.load(tokens_row + candidate)
                     z_x = _scaled_logits(logits_row, x, vocab, temperature)
                     p_x = _div(_softmax_weights(z_x, z_max, True, PRECISE), total)
-                    q_x = tl.load(probs_row + x).to(tl.float32)
-                    q_x = tl.where(q_x > 0, q_x, 0.0)
+                    q_x = _draft_prob(tl.load(probs_row + x))
                     residual_x = _div(tl.maximum(p_x - shift * q_x, 0.0), scale)
                     u = _philox_uniform(
                         seed, offset, row, candidate + 1, tl.full((), _ACCEPT_COUNTER, tl.uint32)
                     )
-                    if u * q_x < residual_x:
+                    if (q_x > 0) & (u * q_x < residual_x):
                         child = candidate
                         candidate = num_nodes
+                    elif q_x == 0:  # x cannot have been drawn from q: skip it, keep the residual
+                        candidate = _first_child(
+                            tokens_row, parents_row, num_nodes, vocab, node, candidate, 0, False, BLOCK_N
+                        )
                     else:
                         next_shift = shift + scale
                         next_mass = tl.zeros((BLOCK_V,), tl.float32)
@@ -256,8 +268,7 @@ def _verify_nodes_kernel(
                             p = _softmax_weights(
                                 _scaled_logits(logits_row, offs, vocab, temperature), z_max, in_range, PRECISE
                             )
-                            q = tl.load(probs_row + offs, mask=in_range, other=0.0).to(tl.float32)
-                            q = tl.where(q > 0, q, 0.0)
+                            q = _draft_prob(tl.load(probs_row + offs, mask=in_range, other=0.0))
                             next_mass += tl.maximum(_div(p, total) - next_shift * q, 0.0)
                         next_total = tl.sum(next_mass, axis=0)
                         if next_total > 0:
@@ -275,8 +286,7 @@ def _verify_nodes_kernel(
                         p = _softmax_weights(
                             _scaled_logits(logits_row, offs, vocab, temperature), z_max, in_range, PRECISE
                         )
-                        q = tl.load(probs_row + offs, mask=in_range, other=0.0).to(tl.float32)
-                        q = tl.where(q > 0, q, 0.0)
+                        q = _draft_prob(tl.load(probs_row + offs, mask=in_range, other=0.0))
                         residual = tl.maximum(_div(p, total) - shift * q, 0.0)
                         noise = _race_uniforms(seed, offset, row, slot, start, BLOCK_V)
                         keys = tl.where(in_range, _div(residual, -_log(noise, PRECISE)), -1.0)
