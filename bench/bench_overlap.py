@@ -13,11 +13,9 @@ Mechanism variants (each measured on the same models and inputs, greedy, batch 1
 * ``priority``: the engine's default, a high-priority drafter stream beside a normal target stream.
 * ``green_contexts``: complementary SM partitions (``runtime.partition.GreenContextStreams``), the split
   chosen by ``choose_partition`` from the drafter's step latency versus SM count, or ``--drafter-sms``.
-* ``green_contexts+graphs``: as ``green_contexts`` for the target and the engine, but the drafter work
-  alone (T_d) and the co-run (M, s, h, timeline) use the drafter's decode steps replayed as CUDA graphs
-  (``runtime.cuda_graphs.GraphedGreedyDecoder``) on the drafter's partition. The engine does not replay
-  graphs, so this variant's end-to-end numbers are the engine's on green contexts; the JSON says which
-  numbers come from the graphed drafter (``graphed_drafter``).
+* ``green_contexts+graphs``: as ``green_contexts``, with every block forward (the drafter's chain steps,
+  and in the end-to-end rows also the target's verification) replayed as a CUDA graph
+  (``ModelRunner(step_mode="cuda_graph")``, the engine's ``step_mode="cuda_graph"``).
 
 Per variant, with the drafter work = drafter prefill + k greedy chain steps (k = --free-token-budget):
 
@@ -78,7 +76,7 @@ from bench_e2e import (
 from crossspec_kernels import hf
 from crossspec_kernels.runtime import ChainDraft, ControlledAcceptance, CrossSpecEngine
 from crossspec_kernels.runtime.drafting import DraftModel
-from crossspec_kernels.runtime.lane import Lane
+from crossspec_kernels.runtime.runner import ModelRunner, graph_capture_available
 from crossspec_kernels.runtime.stages import STAGES, StageTimer
 
 OP = "overlap"
@@ -135,7 +133,7 @@ class Work:
         self.target_inputs, self.drafter_inputs = target_inputs, drafter_inputs
         self.adapter, self.steps, self.backend, self.device = adapter, steps, backend, device
         self.lm_head_weight = target.get_output_embeddings().weight
-        self.graphed = None  # (GraphedGreedyDecoder, prompt ids) for green_contexts+graphs
+        self.step_mode = "eager"  # the drafter's block forwards; "cuda_graph" for green_contexts+graphs
 
     @property
     def _kernel_backend(self):
@@ -149,15 +147,17 @@ class Work:
                 stack.enter_context(torch.cuda.stream(stream))
             stack.enter_context(hf.attention_backend(backend))
             stack.enter_context(torch.no_grad())
+            runner = _runner(self.target, self.target_inputs, 0, None, "eager")
             start = clock.mark()
-            Lane(self.target, "target").prefill(self.target_inputs, hidden=False)
+            runner.prefill(self.target_inputs)
             return [("target.prefill", start, clock.mark())]
 
     def drafter_work(self, clock: StageTimer, stream) -> list[tuple]:
         with _on(stream), hf.attention_backend(self._kernel_backend), torch.no_grad():
-            if self.graphed is not None:
-                return self._graphed_work(clock)
-            model = DraftModel(self.drafter, self.adapter, self.lm_head_weight, clock, self._kernel_backend)
+            runner = _runner(
+                self.drafter, self.drafter_inputs, self.steps, self._kernel_backend, self.step_mode
+            )
+            model = DraftModel(runner, self.adapter, self.lm_head_weight, clock, self._kernel_backend)
             start = clock.mark()
             hidden = model.prefill(self.drafter_inputs)
             prefill_end = clock.mark()
@@ -169,20 +169,15 @@ class Work:
             previous = mark
         return spans
 
-    def _graphed_work(self, clock: StageTimer) -> list[tuple]:
-        """Prefill, then k graph replays of one greedy step each (argmax kept on the GPU)."""
-        decoder, ids = self.graphed
-        decoder.reset()
-        start = clock.mark()
-        decoder.prefill(ids)
-        previous = clock.mark()
-        spans = [("draft.prefill (graphed decoder)", start, previous)]
-        for index in range(self.steps):
-            decoder.decode(1)
-            mark = clock.mark()
-            spans.append((f"draft.step[{index}] (graph replay)", previous, mark))
-            previous = mark
-        return spans
+
+def _runner(model, inputs: dict, steps: int, kernel, step_mode: str) -> ModelRunner:
+    """A ModelRunner with a cache for the prompt plus ``steps`` tokens (the engine's runtime pieces)."""
+    runner = ModelRunner(model, kernel=kernel, step_mode=step_mode)
+    ids = inputs["input_ids"]
+    runner.allocate(
+        ids.shape[0], ids.shape[1] + steps + 2, model.get_input_embeddings().weight.dtype, ids.device
+    )
+    return runner
 
 
 def _span_ms(clock: StageTimer, origin, spans) -> list[dict]:
@@ -278,6 +273,7 @@ class Mechanism:
     name: str
     streams: tuple = (None, None)  # (drafter stream, target stream); engine streams= when given
     engine_streams: tuple | None = None
+    step_mode: str = "eager"  # the engine's
     overlap: bool = True
     skipped: str | None = None
     details: dict = dataclasses.field(default_factory=dict)
@@ -285,17 +281,16 @@ class Mechanism:
 
 
 def _drafter_step_fn(work: Work):
-    """One greedy drafter decode step at the end of its prompt (a scratch token, then dropped)."""
-    lane = Lane(work.drafter, "drafter")
+    """One greedy drafter block forward of one token at the end of its prompt (nothing committed)."""
+    runner = _runner(work.drafter, work.drafter_inputs, 1, work._kernel_backend, "eager")
     with torch.no_grad(), hf.attention_backend(work._kernel_backend):
-        lane.prefill(work.drafter_inputs, hidden=False)
-    length = lane.physical_length
-    token = torch.ones(1, 1, dtype=torch.int64, device=work.device)
+        runner.prefill(work.drafter_inputs)
+    token = torch.ones(runner.cache.batch, 1, dtype=torch.int64, device=work.device)
+    depth = torch.zeros_like(token)
 
     def step():
         with torch.no_grad(), hf.attention_backend(work._kernel_backend):
-            lane.extend(token, lane.real_lengths()[:, None], hidden=True)
-            lane.truncate(length)
+            runner.forward(token, depth)
 
     return step
 
@@ -331,33 +326,12 @@ def _partition_dict(chosen) -> dict:
     }
 
 
-def _graphed_decoder(work: Work, device):
-    """GraphedGreedyDecoder over the drafter's language model and LM head (its event tower runs once,
-    eagerly, in prefill; the graphed decoder reads the drafter prompt's text ids)."""
-    from crossspec_kernels.runtime import cuda_graphs
-
-    available, reason = cuda_graphs.graph_capture_available(device)
+def _graphed_drafter(work: Work, device) -> None:
+    """Switch the drafter's block forwards to CUDA graph replays (or skip the variant, saying why)."""
+    available, reason = graph_capture_available(device)
     if not available:
         raise _Skip(f"CUDA graph capture unavailable: {reason}")
-    from transformers import LlamaForCausalLM
-
-    drafter = work.drafter
-    text_config = drafter.config.get_text_config()
-    with torch.device("meta"):
-        lm = LlamaForCausalLM(copy.deepcopy(text_config))
-    lm.model = drafter.model.language_model
-    lm.lm_head = drafter.lm_head
-    lm.set_attn_implementation("sdpa")
-    ids = work.drafter_inputs["input_ids"].clamp(max=text_config.vocab_size - 1)
-    decoder = cuda_graphs.GraphedGreedyDecoder(
-        lm.eval(),
-        batch_size=ids.shape[0],
-        max_length=ids.shape[1] + work.steps + 8,
-        device=device,
-        dtype=work.lm_head_weight.dtype,
-        use_graph=True,
-    )
-    return decoder, ids
+    work.step_mode = "cuda_graph"
 
 
 def make_mechanism(name: str, work: Work, args, device) -> Mechanism:
@@ -396,10 +370,11 @@ def make_mechanism(name: str, work: Work, args, device) -> Mechanism:
         mechanism.streams, mechanism.engine_streams = streams, streams
         mechanism.details = dict(details, partition=_partition_dict(chosen), engine="streams=green contexts")
         if name == "green_contexts+graphs":
-            mechanism.details["graphed_drafter"] = (
-                "T_d, M, h, s and the timeline use GraphedGreedyDecoder replays of the drafter's language "
-                "model on the drafter partition; the end-to-end rows are CrossSpecEngine on the same green "
-                "contexts WITHOUT graphs (the engine does not replay graphs)"
+            mechanism.step_mode = "cuda_graph"
+            mechanism.details["graphed"] = (
+                "T_d, M, h, s and the timeline replay the drafter's chain steps as CUDA graphs on the drafter "
+                "partition; the end-to-end rows run CrossSpecEngine(step_mode='cuda_graph') on the same green "
+                "contexts"
             )
     except _Skip as skip:
         mechanism.close.close()
@@ -516,6 +491,7 @@ def run_engine(setup, work: Work, mechanism: Mechanism, args, device, alpha, ref
         backend=args.backend,
         overlap=mechanism.overlap,
         streams=mechanism.engine_streams,
+        step_mode=mechanism.step_mode,
     )
     synchronize(device)
     start = time.perf_counter()
@@ -778,7 +754,8 @@ def run_variant(name, setup, work, args, device, reference, baselines) -> tuple[
         return [row], []
     try:
         with mechanism.close:
-            work.graphed = _graphed_decoder(work, device) if name == "green_contexts+graphs" else None
+            if name == "green_contexts+graphs":
+                _graphed_drafter(work, device)
             overlap = measure_overlap(work, name, mechanism.streams, work.baseline, args.repeats, device)
             end_to_end, problems = measure_end_to_end(
                 setup, work, mechanism, args, device, reference, baselines
@@ -791,9 +768,7 @@ def run_variant(name, setup, work, args, device, reference, baselines) -> tuple[
         row.update(status="error", error=message)
         return [row], [f"{row['config']}: {message}"]
     finally:
-        if work.graphed is not None:
-            work.graphed = None
-            hf.enable(work.drafter)  # the graphed decoder switched the drafter's LM to sdpa
+        work.step_mode = "eager"
     row.update(
         status="ok",
         mechanism=mechanism.details,

@@ -1,6 +1,7 @@
-"""Hugging Face glue: tree-masked verification attention as a transformers attention implementation.
+"""The "crossspec" attention implementation for Hugging Face models (below the runtime).
 
-Usage::
+``crossspec_kernels.hf`` re-exports everything here (and ``custom_generate``, a face above the
+runtime); import from there. Usage::
 
     from crossspec_kernels import hf
 
@@ -46,6 +47,14 @@ Position ids are the caller's: neither this module nor the HF path (the mask dep
 not positions) changes them. One trap: with neither a cache nor a 2-D attention mask, HF reads
 non-consecutive position ids (a tree's ``prefix + depth``) as packed sequences and masks across them;
 pass ``attention_mask`` (all ones) or a cache for tree forwards.
+
+Plan once, run many. Everything above is worked out per layer from the layer's arguments. A caller
+that knows the forward's masks up front (the engine) builds an :class:`AttentionPlan` once and
+passes it as ``crossspec_plan=``; every layer then runs it with no checks, no mask packing and no
+mask conversion (FlashInfer's plan()/run()). A plan holds only tensors and Python constants, so
+``torch.compile(fullgraph=True)`` and CUDA-graph capture go through it. The :func:`tree_mask` and
+:func:`attention_backend` context managers are for eager callers: under ``torch.compile`` they are
+not read (Dynamo cannot trace a ``ContextVar``); pass ``crossspec_tree_mask=`` or a plan there.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ import contextvars
 import functools
 import logging
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,12 +74,14 @@ from crossspec_kernels.reference import tree_visibility
 
 __all__ = [
     "ATTENTION_NAME",
+    "AttentionPlan",
     "attention_backend",
     "MAX_KERNEL_QUERIES",
     "crossspec_attention_forward",
     "crossspec_mask",
     "enable",
     "register",
+    "run_plan",
     "tree_mask",
 ]
 
@@ -236,6 +248,64 @@ def _cannot_sync(tensor: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# Plans: what every layer of one forward needs, computed once
+# ----------------------------------------------------------------------------------------------
+
+
+class AttentionPlan(NamedTuple):
+    """How every attention layer of one forward runs (build once, pass as ``crossspec_plan=``).
+
+    Two paths:
+
+    * ``kernel=None``: torch SDPA (grouped-query heads natively) over the first ``kv_limit`` kv
+      slots (None: all) with ``mask`` [B, 1, Q, L] bool (True = visible) or, when ``mask`` is None,
+      ``is_causal`` (top-left aligned: Q == L) or no mask at all. A query row must see at least one
+      slot (SDPA gives NaN otherwise).
+    * ``kernel`` = a ``tree_attention`` backend ("triton", "reference"): the op with ``tree_mask``
+      (packed int32 from ``pack_tree_mask``, or None = causal), ``kv_start`` and ``kv_end`` [B].
+
+    Layers do not check a plan: its builder does (``runtime.kv_cache.SlotCache.plan``).
+    """
+
+    mask: torch.Tensor | None = None
+    is_causal: bool = False
+    kv_limit: int | None = None
+    kernel: str | None = None
+    tree_mask: torch.Tensor | None = None
+    kv_start: torch.Tensor | None = None
+    kv_end: torch.Tensor | None = None
+
+
+def run_plan(plan: AttentionPlan, query, key, value, scaling: float | None) -> torch.Tensor:
+    """Attention of query [B, Hq, Q, D] over key, value [B, Hkv, L, D] as ``plan`` says; [B, Q, Hq, D]."""
+    if plan.kv_limit is not None:
+        key, value = key[:, :, : plan.kv_limit], value[:, :, : plan.kv_limit]
+    if plan.kernel is None:
+        output = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=plan.mask,
+            is_causal=plan.is_causal,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+    else:
+        extra = {} if plan.kv_end is None else {"kv_end": plan.kv_end}
+        output = _tree_attention_op(
+            query,
+            key,
+            value,
+            plan.tree_mask,
+            kv_start=plan.kv_start,
+            scale=scaling,
+            backend=plan.kernel,
+            **extra,
+        )
+    return output.transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
 # Attention function (AttentionInterface)
 # ----------------------------------------------------------------------------------------------
 
@@ -250,6 +320,7 @@ def crossspec_attention_forward(
     dropout: float = 0.0,
     crossspec_tree_mask: torch.Tensor | None = None,
     crossspec_kv_start: torch.Tensor | None = None,
+    crossspec_plan: AttentionPlan | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Tree-masked attention with HF's calling convention.
@@ -258,8 +329,12 @@ def crossspec_attention_forward(
     attention_mask as produced by :func:`crossspec_mask` (or a user's 4-D mask);
     ``crossspec_tree_mask`` [Q, Q] / [B, Q, Q] bool (None: :func:`tree_mask`'s, else causal);
     ``crossspec_kv_start`` [B] int: positions < kv_start[b] are hidden (overrides a 2-D mask).
+    ``crossspec_plan``: an :class:`AttentionPlan` built once for the whole forward; when given,
+    the layer runs it and ignores the mask arguments.
     Returns (output [B, Q, Hq, D], None): attention weights are never materialised.
     """
+    if crossspec_plan is not None:
+        return run_plan(crossspec_plan, query, key, value, scaling), None
     for unsupported in ("softcap", "s_aux", "sinks"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"crossspec attention: {unsupported!r} is not supported")
@@ -272,7 +347,8 @@ def crossspec_attention_forward(
         is_causal = getattr(module, "is_causal", True)
 
     tree = crossspec_tree_mask
-    if tree is None and is_causal:  # the context manager's mask is for the decoder layers only
+    eager = not torch.compiler.is_compiling()  # ContextVars and module state are eager-only
+    if tree is None and is_causal and eager:  # the context manager's mask: decoder layers only
         tree = _tree_mask_context.get()
     if tree is not None:
         tree = _check_tree_mask(tree, batch, num_queries, kv_len, query.device)
@@ -308,7 +384,7 @@ def crossspec_attention_forward(
         and not (module.training and dropout)
     )
     if use_kernel:
-        backend = _backend_context.get() or _settings["backend"]
+        backend = (_backend_context.get() or _settings["backend"]) if eager else None
         extra = {} if backend is None else {"backend": backend}
         output = _tree_attention_op(query, key, value, tree, kv_start=kv_start, scale=scaling, **extra)
     else:
@@ -380,22 +456,3 @@ def _sdpa(query, key, value, dense, tree, kv_start, scaling, dropout, is_causal)
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=False, scale=scaling
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# generate() drop-in
-# ----------------------------------------------------------------------------------------------
-
-
-def __getattr__(name: str):
-    """``hf.custom_generate``: pass it as ``model.generate(..., custom_generate=hf.custom_generate,
-    drafter=..., drafter_inputs=...)``; see :mod:`crossspec_kernels.runtime.hf_generate`.
-
-    Resolved lazily (the runtime imports this module), and it must be the function itself:
-    transformers reads its signature to route the extra keywords.
-    """
-    if name == "custom_generate":
-        from crossspec_kernels.runtime.hf_generate import custom_generate
-
-        return custom_generate
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

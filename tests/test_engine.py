@@ -8,6 +8,7 @@ interpreter. The target's reference output comes from a separate instance on eag
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -123,9 +124,13 @@ def test_batch1_matches_and_rows_are_independent(reference_model, target, batch_
     assert torch.equal(out.sequences, batched)
 
 
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+    reason="CPU tensors reach Triton only through its interpreter (TRITON_INTERPRET=1)",
+)
 @pytest.mark.parametrize("draft", [ChainDraft(3), TreeDraft(2, 3, 5)], ids=str)
 def test_triton_kernels_in_the_loop(batch_inputs, draft, monkeypatch):
-    """backend=None under TRITON_INTERPRET=1: tree attention (head dim 64, a size the kernel takes),
+    """backend="triton" (the CPU interpreter): tree attention (head dim 64, a size the kernel takes),
     verify, lm_head_topk and, for trees, compact_kv run their Triton kernels; output unchanged."""
     import importlib
 
@@ -145,7 +150,7 @@ def test_triton_kernels_in_the_loop(batch_inputs, draft, monkeypatch):
     )
     want = expected(reference_model, batch_inputs)[:, :5]
     drafter = perturbed(tm.tiny_video_llava(seed=0, head_dim=64), 0.6, seed=5)
-    out = CrossSpecEngine(target, drafter, draft=draft).generate(
+    out = CrossSpecEngine(target, drafter, draft=draft, backend="triton").generate(
         batch_inputs, dict(batch_inputs), max_new_tokens=5
     )
     assert torch.equal(out.sequences, want)
@@ -202,7 +207,8 @@ def test_free_tokens_when_the_target_prefill_is_slow(reference_model, target, ba
         time.sleep(0.2)  # leaves time to score the 8th draft
 
     tower = target.get_submodule("model.video_tower")
-    handles = [tower.register_forward_pre_hook(slow_tower), drafter.register_forward_hook(count)]
+    # The engine runs the drafter's decoder (``.model``): its LM head never runs.
+    handles = [tower.register_forward_pre_hook(slow_tower), drafter.model.register_forward_hook(count)]
     try:
         engine = CrossSpecEngine(
             target, drafter, draft=ChainDraft(4), free_token_budget=8, backend="reference"
@@ -230,9 +236,9 @@ def test_no_free_tokens_when_the_drafter_is_slower(reference_model, target, batc
         assert prefilled.wait(timeout=60)
         time.sleep(0.1)
 
-    handles = [
-        target.register_forward_hook(lambda *_: prefilled.set()),
-        drafter.register_forward_pre_hook(wait_for_target),
+    handles = [  # the engine runs the decoders (``.model``) of both
+        target.model.register_forward_hook(lambda *_: prefilled.set()),
+        drafter.model.register_forward_pre_hook(wait_for_target),
     ]
     try:
         engine = CrossSpecEngine(target, drafter, draft=ChainDraft(2), backend="reference")
@@ -434,11 +440,35 @@ def test_bad_engine_arguments(target):
     with pytest.raises(ValueError, match="EagleAdapter"):
         CrossSpecEngine(target, narrow, eagle)
     with pytest.raises(ValueError, match="adapter must be"):
-        CrossSpecEngine(target, narrow, torch.nn.Linear(32, 64))
+        CrossSpecEngine(target, narrow, "linear")
+    with pytest.raises(ValueError, match="adapter maps 32 -> 48"):
+        CrossSpecEngine(target, narrow, torch.nn.Linear(32, 48))
+    with pytest.raises(ValueError, match=r"adapter failed on a \[1, 32\] input"):
+        CrossSpecEngine(target, narrow, torch.nn.Linear(16, 64))
+    with pytest.raises(ValueError, match="step_mode must be one of"):
+        CrossSpecEngine(target, drafter, step_mode="graphs")
+    with pytest.raises(ValueError, match="compile_backend"):
+        CrossSpecEngine(target, drafter, step_mode="compile", compile_backend="")
+    with pytest.raises(ValueError, match="step_mode='cuda_graph' needs CUDA graph capture"):
+        CrossSpecEngine(target, drafter, step_mode="cuda_graph")
     with pytest.raises(ValueError, match="free_token_budget"):
         CrossSpecEngine(target, drafter, free_token_budget=0)
     with pytest.raises(ValueError, match="backend"):
         CrossSpecEngine(target, drafter, backend="cudnn")
+
+
+def test_any_module_adapter_is_lossless(reference_model, target, batch_inputs):
+    """An adapter need not be one of ours: any nn.Module mapping [..., d_draft] to [..., d_target]
+    runs (unfused), and the output is still the target's."""
+    want = expected(reference_model, batch_inputs)
+    drafter, drafter_inputs, _ = drafter_and_inputs("adapter", batch_inputs)
+    torch.manual_seed(2)
+    adapter = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 64)).eval()
+    out = CrossSpecEngine(target, drafter, adapter, draft=ChainDraft(3)).generate(
+        batch_inputs, drafter_inputs, max_new_tokens=NEW_TOKENS
+    )
+    assert torch.equal(out.sequences, want)
+    assert not out.stats["fallback"]
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from crossspec_kernels import hf  # noqa: E402
+from crossspec_kernels import hf, hf_attention  # noqa: E402
 from crossspec_kernels.models.eventgpt import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
@@ -309,13 +309,13 @@ def tree_mask_and_depth(parents):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     calls = []
-    op = hf._tree_attention_op
+    op = hf_attention._tree_attention_op
 
     def spy(q, k, v, tree_mask=None, **kwargs):
         calls.append(dict(queries=q.shape[2], tree=tree_mask is not None))
         return op(q, k, v, tree_mask, **kwargs)
 
-    monkeypatch.setattr(hf, "_tree_attention_op", spy)
+    monkeypatch.setattr(hf_attention, "_tree_attention_op", spy)
     return calls
 
 

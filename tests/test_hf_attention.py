@@ -19,7 +19,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from crossspec_kernels import hf  # noqa: E402
+from crossspec_kernels import hf, hf_attention  # noqa: E402
 from crossspec_kernels.testing_models import (  # noqa: E402
     left_pad,
     tiny_llama,
@@ -44,14 +44,14 @@ def _registered():
 def kernel_calls(monkeypatch):
     """Records every call that reaches the attention op (the kernel path) from the HF glue."""
     calls = []
-    op = hf._tree_attention_op
+    op = hf_attention._tree_attention_op
 
     def spy(q, k, v, tree_mask=None, **kwargs):
         kv_start = kwargs.get("kv_start")
         calls.append(dict(queries=q.shape[2], kv=k.shape[2], tree=tree_mask is not None, kv_start=kv_start))
         return op(q, k, v, tree_mask, **kwargs)
 
-    monkeypatch.setattr(hf, "_tree_attention_op", spy)
+    monkeypatch.setattr(hf_attention, "_tree_attention_op", spy)
     return calls
 
 

@@ -696,11 +696,13 @@ class EventGPTModel(EventGPTPreTrainedModel):
                         )
                     event_features = self.encode_events(event_pixel_values)
                 inputs_embeds = self._splice_events(input_ids, inputs_embeds, event_features)
-            elif _is_prefill(past_key_values) and bool(is_event.any()):
+            # A prompt check (it reads the cache length and the ids on the host): never in traced steps.
+            elif not torch.compiler.is_compiling() and _is_prefill(past_key_values) and bool(is_event.any()):
                 raise ValueError(
                     f"EventGPT: input_ids hold the event placeholder {self.config.event_token_index} but no "
                     "event_pixel_values (or event_features) were given"
                 )
+        kwargs.pop("return_dict", None)  # always a ModelOutput (HF callers pass return_dict=True)
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,

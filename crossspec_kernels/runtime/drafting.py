@@ -6,13 +6,16 @@ first ``shared_vocab`` rows of the LM head) are proposed, so every draft can be 
 drafter; a committed target token outside the drafter's vocabulary is fed as ``unknown_token_id``
 (it only affects the drafts' quality, never the output).
 
-KV cache policy. A chain keeps its fed drafts in the drafter's cache; after verification each row
-keeps the accepted ones (a chain's accepted drafts are already in place, so compaction is a crop)
-and the rest become holes. A tree re-runs all expanded nodes of the round at every level, as one
-block behind the committed prefix with the tree mask, and drops them afterwards: a level forward
-is bound by reading the drafter's weights, so Q = top_k * level costs about what Q = top_k does,
-and the committed prefix never holds a sibling that later queries could wrongly see. The accepted
-path is then fed with the bonus token in the next round's first forward, which runs anyway.
+KV cache (a ``SlotCache``: every row has its own length, see ``kv_cache``). A chain feeds its
+drafts one by one and commits each; after verification each row rolls back to the drafts it
+had accepted, and the rest of the committed tokens (the bonus, and the last draft when all were
+accepted) are fed in the next round's first forward, which runs anyway. A tree writes every level
+as a scratch block behind the committed slots (all expanded nodes, tree-masked) and commits
+nothing: a level forward is bound by reading the drafter's weights, so Q = top_k * level costs
+about what Q = top_k does; the accepted path is fed with the bonus token next round.
+
+No host reads: sampling draws on the device (exponential race), sizes come from the round's
+host-side counts.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from crossspec_kernels.models.adapters import BottleneckAdapter, LinearAdapter
 from crossspec_kernels.ops.adapter_projection import TRITON_MAX_ROWS, adapter_lm_head_topk
 from crossspec_kernels.runtime.draft_config import ChainDraft, TreeDraft
-from crossspec_kernels.runtime.lane import Lane
+from crossspec_kernels.runtime.runner import ModelRunner
 from crossspec_kernels.runtime.stages import StageTimer
+
+FUSED_ADAPTERS = (BottleneckAdapter, LinearAdapter)
 
 
 class Proposal(NamedTuple):
@@ -36,23 +42,40 @@ class Proposal(NamedTuple):
     depth: torch.Tensor  # [B, N] node depth, 1 = a child of the root
     tree_mask: torch.Tensor  # [B, N, N] bool: node i sees node j (ancestor or itself)
     draft_probs: torch.Tensor | None  # [B, N + 1, V_target]: sampled chains only
-    fed: int  # a chain's leading drafts already in the drafter cache (from slot fed_start on)
-    fed_start: int
+    fed: int  # a chain's leading drafts committed to the drafter's cache
     timestamps: list  # per drafted level, StageTimer marks (prefill hiding counts free tokens)
+
+    @staticmethod
+    def empty(batch: int, device) -> Proposal:
+        nothing = torch.empty(batch, 0, dtype=torch.int64, device=device)
+        return Proposal(
+            nothing, None, nothing, torch.empty(batch, 0, 0, dtype=torch.bool, device=device), None, 0, []
+        )
+
+
+class Pending(NamedTuple):
+    """Committed tokens the drafter has not read yet: row b's first ``host_counts[b]`` of ``tokens``."""
+
+    tokens: torch.Tensor  # [B, P]
+    counts: torch.Tensor  # [B] device, 0 for rows that finished
+    host_counts: list[int]
 
 
 class DraftModel:
     def __init__(
         self,
-        drafter: torch.nn.Module,
+        runner: ModelRunner,
         adapter: torch.nn.Module | None,
         lm_head_weight: torch.Tensor,
         timer: StageTimer,
         backend: str | None = None,
     ) -> None:
-        self.lane = Lane(drafter, "drafter")
+        self.runner = runner
         self.backend = backend
-        self.adapter = adapter
+        # Our adapter kinds go to the op (fused on Triton); any other module maps hidden states first.
+        self.module_adapter = None if adapter is None or isinstance(adapter, FUSED_ADAPTERS) else adapter
+        self.adapter = None if self.module_adapter is not None else adapter
+        drafter = runner.model
         drafter_vocab = drafter.get_input_embeddings().num_embeddings
         self.target_vocab = lm_head_weight.shape[0]
         self.shared_vocab = min(self.target_vocab, drafter_vocab)
@@ -61,48 +84,82 @@ class DraftModel:
         pad = getattr(drafter.config, "pad_token_id", None)
         self.unknown_token_id = pad if isinstance(pad, int) and 0 <= pad < drafter_vocab else 0
         self.timer = timer
+        self.chain_base: torch.Tensor | None = None  # lengths before a chain's fed drafts
+
+    @property
+    def cache(self):
+        return self.runner.cache
 
     # ------------------------------------------------------------------------------------------
     def score(self, hidden: torch.Tensor, k: int, temperature: float = 1.0, probs: bool = False):
         """adapter + target LM head + top-k over [M, d] hidden states, in chunks the kernel takes."""
-        parts = [
-            adapter_lm_head_topk(
-                chunk,
-                self.adapter,
-                self.weight,
-                k,
-                temperature=temperature,
-                return_probs=probs,
-                backend=self.backend,
-            )
-            for chunk in hidden.split(TRITON_MAX_ROWS)
-        ]
-        logprobs = torch.cat([part[0] for part in parts])
-        ids = torch.cat([part[1] for part in parts])
+        if self.module_adapter is not None:
+            hidden = self.module_adapter(hidden)
+        if hidden.shape[0] <= TRITON_MAX_ROWS:
+            return self._score(hidden, k, temperature, probs)
+        parts = [self._score(chunk, k, temperature, probs) for chunk in hidden.split(TRITON_MAX_ROWS)]
         full = torch.cat([part[2] for part in parts]) if probs else None
-        return logprobs, ids, full
+        return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]), full
+
+    def _score(self, hidden, k, temperature, probs):
+        return adapter_lm_head_topk(
+            hidden,
+            self.adapter,
+            self.weight,
+            k,
+            temperature=temperature,
+            return_probs=probs,
+            backend=self.backend,
+        )
 
     def _to_drafter_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.where((tokens >= 0) & (tokens < self.drafter_vocab), tokens, self.unknown_token_id)
-
-    @staticmethod
-    def _last_hidden(out) -> torch.Tensor:
-        return out.hidden_states[-1][:, -1]
 
     # ------------------------------------------------------------------------------------------
     def prefill(self, inputs: dict) -> torch.Tensor:
         """The drafter's prompt; returns the final hidden state at its last position [B, d]."""
         with self.timer.stage("draft.prefill"):
-            return self._last_hidden(self.lane.prefill(inputs, hidden=True))
+            return self.runner.prefill(inputs)[:, -1]
 
-    def catch_up(self, pending: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """Feed committed tokens [B, P] (right-aligned; ``valid`` False = a hole before a row's
-        tokens, None = all real); returns the hidden state at each row's last token [B, d]."""
-        steps = torch.ones_like(pending) if valid is None else valid.long()
-        positions = (self.lane.real_lengths()[:, None] + steps.cumsum(-1) - 1).clamp_min(0)
+    def pending(
+        self,
+        tokens: torch.Tensor,
+        num_accepted: torch.Tensor,
+        accepted: list[int],
+        active: torch.Tensor,
+        active_host: list[bool],
+        fed: int,
+    ) -> Pending:
+        """What the drafter must read after a round that committed row b's ``tokens[b, :accepted[b] + 1]``
+        (``accepted``: the host copy of ``num_accepted``; ``active`` [B]: rows still generating).
+
+        A chain's first ``fed`` drafts are in the cache already; the accepted ones stay (the
+        cache rolls back to them), so reading resumes after them.
+        """
+        keep_host = [min(count, fed) for count in accepted]
+        keep = num_accepted.clamp(max=fed)
+        if fed:
+            self.cache.set_lengths(
+                self.chain_base + keep, [a + b for a, b in zip(self.chain_host, keep_host)]
+            )
+        host_counts = [
+            count + 1 - kept if on else 0 for count, kept, on in zip(accepted, keep_host, active_host)
+        ]
+        width = max(max(host_counts), 1)
+        column = torch.arange(width, device=tokens.device)
+        source = (keep[:, None] + column).clamp(max=tokens.shape[1] - 1)
+        counts = (num_accepted + 1 - keep) * active
+        return Pending(tokens.gather(1, source), counts, host_counts)
+
+    def catch_up(self, pending: Pending) -> torch.Tensor:
+        """Read committed tokens; the hidden state at each row's last one [B, d]."""
+        tokens, counts, host_counts = pending
+        depth = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         with self.timer.stage("draft.step"):
-            out = self.lane.extend(self._to_drafter_ids(pending), positions, valid=valid, hidden=True)
-        return self._last_hidden(out)
+            hidden = self.runner.forward(self._to_drafter_ids(tokens), depth)
+            self.cache.advance(counts, host_counts)
+            last = (counts - 1).clamp_min(0)
+            return hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[2]))[:, 0]
 
     def chain(
         self,
@@ -116,15 +173,20 @@ class DraftModel:
     ) -> Proposal:
         """Draft up to ``config.gamma`` tokens; ``should_stop(timestamps)``, asked after each, ends early.
         ``override(token [B], step)`` may replace each proposal before it is fed back."""
-        batch = hidden.shape[0]
+        batch, device = hidden.shape[0], hidden.device
         sampled = temperature > 0
-        fed_start = self.lane.physical_length
+        self.chain_base, self.chain_host = self.cache.lengths.clone(), list(self.cache.host_lengths)
+        ones, zero = (
+            torch.ones(batch, dtype=torch.int64, device=device),
+            torch.zeros(batch, 1, dtype=torch.int64, device=device),
+        )
         tokens, rows, timestamps = [], [], []
         for step in range(config.gamma):
             with self.timer.stage("draft.step"):
                 _, ids, probs = self.score(hidden, 1, temperature if sampled else 1.0, probs=sampled)
-                if sampled:
-                    token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                if sampled:  # exponential race: argmax p(x) / E(x), E ~ Exp(1), drawn on the device
+                    noise = torch.empty_like(probs).exponential_(generator=generator)
+                    token = (probs / noise).argmax(-1)
                     rows.append(probs)
                 else:
                     token = ids[:, 0]
@@ -134,33 +196,29 @@ class DraftModel:
                 timestamps.append(self.timer.mark())
                 if step + 1 == config.gamma or (should_stop is not None and should_stop(timestamps)):
                     break
-                positions = self.lane.real_lengths()[:, None]
-                hidden = self._last_hidden(self.lane.extend(token[:, None], positions, hidden=True))
+                hidden = self.runner.forward(self._to_drafter_ids(token[:, None]), zero)[:, 0]
+                self.cache.advance(ones, [1] * batch)
         count = len(tokens)
-        device = hidden.device
         draft_probs = None
         if sampled:
             rows.append(torch.zeros_like(rows[0]))  # the last node has no children
             draft_probs = F.pad(torch.stack(rows, 1), (0, self.target_vocab - self.shared_vocab))
         depth = torch.arange(1, count + 1, device=device).expand(batch, count)
         tree_mask = torch.ones(count, count, dtype=torch.bool, device=device).tril().expand(batch, -1, -1)
-        return Proposal(
-            torch.stack(tokens, 1), None, depth, tree_mask, draft_probs, count - 1, fed_start, timestamps
-        )
+        return Proposal(torch.stack(tokens, 1), None, depth, tree_mask, draft_probs, count - 1, timestamps)
 
     def tree(self, hidden: torch.Tensor, config: TreeDraft) -> Proposal:
         """An EAGLE-2-style dynamic tree (see TreeDraft); candidates are deterministic (top-k)."""
         k, batch, device = config.top_k, hidden.shape[0], hidden.device
-        prefix_real = self.lane.real_lengths()  # the root sits at position prefix_real - 1
-        prefix_slots = self.lane.physical_length
         capacity = k + (config.depth - 1) * k * k
         ancestors = torch.zeros(batch, capacity, capacity, dtype=torch.bool, device=device)
+        diagonal = torch.arange(capacity, device=device)
 
         with self.timer.stage("draft.step"):
             logprobs, tokens, _ = self.score(hidden, k)
         parents = torch.full_like(tokens, -1)
         depth = torch.ones_like(tokens)
-        ancestors[:, torch.arange(k), torch.arange(k)] = True
+        ancestors[:, diagonal[:k], diagonal[:k]] = True
         level_start, level_size = 0, k
         expanded = torch.empty(batch, 0, dtype=torch.int64, device=device)
         timestamps = [self.timer.mark()]
@@ -173,16 +231,17 @@ class DraftModel:
                 count = expanded.shape[1]
                 rows = ancestors.gather(1, expanded[:, :, None].expand(-1, -1, capacity))
                 block_mask = rows.gather(2, expanded[:, None, :].expand(-1, count, -1))
-                positions = prefix_real[:, None] - 1 + depth.gather(1, expanded)
-                out = self.lane.extend(
-                    tokens.gather(1, expanded), positions, tree_mask=block_mask, hidden=True
+                # The root is the last committed slot: a node of depth d sits d - 1 slots past it.
+                out = self.runner.forward(
+                    self._to_drafter_ids(tokens.gather(1, expanded)),
+                    depth.gather(1, expanded) - 1,
+                    block_mask,
                 )
-                self.lane.truncate(prefix_slots)
-                new_hidden = out.hidden_states[-1][:, -width:].reshape(batch * width, -1)
+                new_hidden = out[:, -width:].reshape(batch * width, -1)
                 child_logprobs, child_tokens, _ = self.score(new_hidden, k)
                 child_parents = chosen.repeat_interleave(k, dim=1)  # [B, width * k]
                 first = tokens.shape[1]
-                new = torch.arange(first, first + width * k, device=device)
+                new = diagonal[first : first + width * k]
                 ancestors[:, new] = ancestors.gather(1, child_parents[:, :, None].expand(-1, -1, capacity))
                 ancestors[:, new, new] = True
                 logprobs = torch.cat(
@@ -199,9 +258,7 @@ class DraftModel:
         num_nodes = min(config.max_nodes, tokens.shape[1])
         best = torch.sort(logprobs, dim=-1, descending=True, stable=True).indices[:, :num_nodes]
         selected = best.sort(dim=-1).values  # candidate order is topological
-        slot = torch.full_like(tokens, -1).scatter_(
-            1, selected, torch.arange(num_nodes, device=device).expand(batch, -1)
-        )
+        slot = torch.full_like(tokens, -1).scatter_(1, selected, diagonal[:num_nodes].expand(batch, -1))
         parent_candidates = parents.gather(1, selected)
         node_parents = torch.where(parent_candidates < 0, -1, slot.gather(1, parent_candidates.clamp_min(0)))
         used = ancestors[:, : tokens.shape[1], : tokens.shape[1]]
@@ -214,6 +271,5 @@ class DraftModel:
             tree_mask,
             None,
             0,
-            prefix_slots,
             timestamps,
         )

@@ -61,6 +61,15 @@ class StageTimer:
         finally:
             self.end(handle)
 
+    def timed(self, name: str, fn):
+        """``fn`` wrapped in :meth:`stage` ``name``: timing wraps a step without being woven into it."""
+
+        def timed_fn(*args, **kwargs):
+            with self.stage(name):
+                return fn(*args, **kwargs)
+
+        return timed_fn
+
     def elapsed_ms(self, start, end) -> float:
         """Milliseconds between two :meth:`mark` timestamps (CUDA: call after synchronising)."""
         if self.cuda:

@@ -1,0 +1,214 @@
+"""Argument checks of CrossSpecEngine and its generate(): clear errors that name the argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+_OP = "CrossSpecEngine"
+
+
+def output_embeddings(model, name: str):
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{_OP}: {name} must be an HF model whose get_output_embeddings() is its LM head")
+    return head
+
+
+def hidden_size(model, name: str) -> int:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{_OP}: {name} must be an HF model with a config, got {type(model).__name__}")
+    return int(text_config(model).hidden_size)
+
+
+def device_of(model) -> torch.device | None:
+    if model is None:
+        return None
+    for parameter in model.parameters():
+        return parameter.device
+    return None
+
+
+def check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{_OP}.generate: {name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"{_OP}.generate: temperature must be a float >= 0, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{_OP}.generate: temperature must be a finite float >= 0, got {temperature!r}")
+    return float(temperature)
+
+
+def eos_ids(target, eos, vocab: int) -> torch.Tensor:
+    device = target.get_output_embeddings().weight.device
+    if eos is None:
+        eos = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+        eos = [] if eos is None else eos
+    ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    if not isinstance(ids, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids
+    ):
+        raise ValueError(f"{_OP}.generate: eos_token_id must be ints in [0, {vocab}), got {eos!r}")
+    return torch.tensor(list(ids), dtype=torch.int64, device=device)
+
+
+def pad_id(target, eos: torch.Tensor, pad, vocab: int) -> int:
+    if pad is not None:
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab:
+            raise ValueError(f"{_OP}.generate: pad_token_id must be an int in [0, {vocab}), got {pad!r}")
+        return pad
+    pad = getattr(getattr(target, "generation_config", None), "pad_token_id", None)
+    if isinstance(pad, int):
+        return pad
+    return int(eos[0]) if eos.numel() else 0
+
+
+def check_inputs(engine, target_inputs, drafter_inputs) -> tuple[dict, dict]:
+    checked = []
+    for name, inputs, model in (
+        ("target_inputs", target_inputs, engine.target),
+        ("drafter_inputs", drafter_inputs, engine.drafter),
+    ):
+        if not isinstance(inputs, Mapping):
+            raise ValueError(
+                f"{_OP}.generate: {name} must be a dict of model inputs, got {type(inputs).__name__}"
+            )
+        inputs = dict(inputs)
+        ids = inputs.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(
+                f"{_OP}.generate: {name}['input_ids'] must be a [B >= 1, T >= 1] tensor, got {got}"
+            )
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{_OP}.generate: {name}['input_ids'] must be int64 or int32, got {ids.dtype}")
+        if ids.device != engine.device:
+            raise ValueError(
+                f"{_OP}.generate: {name}['input_ids'] is on {ids.device}, the models on {engine.device}"
+            )
+        # The target's ids must index its vocabulary (its video placeholder is a vocabulary id). A
+        # drafter may use placeholder ids past its vocabulary (EventGPT's event token): it checks them.
+        vocab = model.get_input_embeddings().num_embeddings if name == "target_inputs" else None
+        low, high = torch.aminmax(ids)
+        if int(low) < 0 or (vocab is not None and int(high) >= vocab):
+            bound = f"[0, {vocab})" if vocab is not None else ">= 0"
+            raise ValueError(
+                f"{_OP}.generate: {name}['input_ids'] must lie in {bound}, got values in [{int(low)}, {int(high)}]"
+            )
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(
+                    f"{_OP}.generate: {name}['attention_mask'] must have input_ids' shape {tuple(ids.shape)}, got {got}"
+                )
+            real = mask.to(torch.bool)
+            first = real.to(torch.int8).argmax(-1)  # a row's first real token
+            left_padded = real == (torch.arange(real.shape[1], device=real.device) >= first[:, None])
+            empty, right, holes = torch.stack(
+                [~real.any(-1).any(), ~real[:, -1].all(), ~left_padded.all()]
+            ).tolist()  # one read per request, before any model runs
+            if empty:
+                raise ValueError(f"{_OP}.generate: {name}['attention_mask'] has a row with no real token")
+            if right:
+                raise ValueError(
+                    f"{_OP}.generate: {name} is right-padded; decoder-only generation needs left padding "
+                    "(tokenizer padding_side='left')"
+                )
+            if holes:
+                raise ValueError(
+                    f"{_OP}.generate: {name}['attention_mask'] must be left padding only (0...0 1...1 per "
+                    "row); it has a padding hole after a real token"
+                )
+        for reserved in ("past_key_values", "use_cache", "position_ids", "cache_position", "inputs_embeds"):
+            if inputs.get(reserved) is not None:
+                raise ValueError(
+                    f"{_OP}.generate: {name} must not contain {reserved!r}; the engine manages it"
+                )
+            inputs.pop(reserved, None)
+        checked.append(inputs)
+    target_batch, drafter_batch = checked[0]["input_ids"].shape[0], checked[1]["input_ids"].shape[0]
+    if target_batch != drafter_batch:
+        raise ValueError(
+            f"{_OP}.generate: target_inputs has batch {target_batch} but drafter_inputs has batch {drafter_batch}"
+        )
+    return checked[0], checked[1]
+
+
+def text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_seed(seed) -> int:
+    """A seed is an int in [0, 2^64) (it keys Philox as uint64 bits)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < (1 << 64):
+        raise ValueError(f"{_OP}.generate: seed must be an int in [0, 2**64), got {seed!r}")
+    return seed - (1 << 64) if seed >= (1 << 63) else seed  # the same 64 bits as an int64
+
+
+def check_drafter(drafter, adapter, target) -> None:
+    """The drafter is an HF model; the adapter maps its hidden size onto the target's."""
+    d_target = hidden_size(target, "target")
+    d_drafter = hidden_size(drafter, "drafter")
+    if not callable(getattr(drafter, "get_input_embeddings", None)):
+        raise ValueError(f"{_OP}: drafter must be an HF model with get_input_embeddings()")
+    if adapter is None:
+        if d_drafter != d_target:
+            raise ValueError(
+                f"{_OP}: adapter=None needs equal hidden sizes, got drafter {d_drafter} and target "
+                f"{d_target}; pass an adapter (crossspec_kernels.models.adapters)"
+            )
+        return
+    if not isinstance(adapter, torch.nn.Module):
+        raise ValueError(
+            f"{_OP}: adapter must be an nn.Module mapping [..., {d_drafter}] to [..., {d_target}] or None, "
+            f"got {type(adapter).__name__}"
+        )
+    from crossspec_kernels.models.adapters import EagleAdapter
+
+    if isinstance(adapter, EagleAdapter):
+        raise ValueError(
+            f"{_OP}: an EagleAdapter needs a window of previous positions and tokens, which the engine's "
+            "drafter does not pass; use a linear or bottleneck adapter, or any nn.Module mapping hidden states"
+        )
+    config = getattr(adapter, "config", None)
+    dims = (getattr(config, "d_draft", None), getattr(config, "d_target", None))
+    if None in dims:  # an arbitrary module: probe it once with one zero row
+        parameter = next(iter(adapter.parameters()), None)
+        probe = torch.zeros(1, d_drafter) if parameter is None else parameter.new_zeros(1, d_drafter)
+        with torch.no_grad():
+            try:
+                shape = tuple(adapter(probe).shape)
+            except Exception as error:  # any failure means "not an adapter"
+                raise ValueError(f"{_OP}: adapter failed on a [1, {d_drafter}] input: {error}") from error
+        dims = (d_drafter, shape[-1] if shape[:-1] == (1,) else shape)
+    if dims != (d_drafter, d_target):
+        raise ValueError(
+            f"{_OP}: adapter maps {dims[0]} -> {dims[1]}, but the drafter's hidden size is {d_drafter} "
+            f"and the target's {d_target}"
+        )
+
+
+def check_streams(streams, device: torch.device):
+    if streams is None:
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"{_OP}: streams are for CUDA models; the target is on {device}")
+    if (
+        not isinstance(streams, (tuple, list))
+        or len(streams) != 2
+        or not all(isinstance(stream, torch.cuda.Stream) for stream in streams)
+    ):
+        raise ValueError(f"{_OP}: streams must be (drafter stream, target stream), two torch.cuda.Stream")
+    if any(stream.device != device for stream in streams):
+        raise ValueError(f"{_OP}: streams must be on the models' device {device}")
+    return tuple(streams)
