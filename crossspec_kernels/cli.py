@@ -4,6 +4,9 @@ crossspec demo       the engine end to end on tiny random models (crossspec_kern
 crossspec generate   answer a question about a video + event recording with real checkpoints
 crossspec info       versions, whether the CUDA extension is built, devices, backend choice
 crossspec adapter extract|train|eval   the adapter toolchain (crossspec_kernels.adapter_tools)
+
+Building the parser imports no torch, transformers or model code (each command imports what it needs
+when it runs), so ``--help`` answers at once. Exit codes: see ``cli_common.EXIT_CODES_HELP``.
 """
 
 from __future__ import annotations
@@ -12,14 +15,9 @@ import argparse
 import os
 import platform
 import sys
+import traceback
 
-import torch
-
-
-def _pick_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    from crossspec_kernels.ops._dispatch import pick_backend
-
-    return pick_backend("verify", backend, device, dtype)
+from crossspec_kernels.cli_common import EXIT_CODES_HELP, EXIT_OK, EXIT_RUNTIME, HelpFormatter, add_command
 
 
 def _version(module_name: str) -> str:
@@ -31,8 +29,11 @@ def _version(module_name: str) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    import torch
+
     import crossspec_kernels
     from crossspec_kernels import _ext
+    from crossspec_kernels.ops._dispatch import pick_backend
 
     rows: list[tuple[str, str]] = [
         (
@@ -72,7 +73,7 @@ def run_info(args: argparse.Namespace) -> int:
         (torch.device("cuda"), "" if cuda else " (no device here)"),
     ):
         try:
-            choice = _pick_backend(None, device, torch.float32)
+            choice = pick_backend("verify", None, device, torch.float32)
         except (RuntimeError, ValueError) as error:
             choice = f"none ({error})"
         rows.append((f"verify on {device.type} tensors", choice + note))
@@ -84,41 +85,38 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="crossspec", description="Cross-modal speculative decoding kernels for video LLMs."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+    # The commands' modules keep torch and transformers imports inside their functions.
+    from crossspec_kernels.adapter_tools.cli import add_adapter_parser
     from crossspec_kernels.demo import add_demo_parser
     from crossspec_kernels.generate_cli import add_generate_parser
 
+    parser = argparse.ArgumentParser(
+        prog="crossspec",
+        description="Cross-modal speculative decoding kernels for video LLMs.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_demo_parser(sub)
     add_generate_parser(sub)
-
-    info = sub.add_parser("info", help="versions, extension build, devices and backend choice")
+    info = add_command(sub, "info", help="versions, extension build, devices and backend choice")
     info.set_defaults(func=run_info)
-
-    from crossspec_kernels.adapter_tools.cli import add_adapter_parser
-
     add_adapter_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run, map the outcome to an exit code (usage errors raise SystemExit(2) themselves)."""
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from crossspec_kernels.demo import check_demo_args
-
-        check_demo_args(args)
     try:
-        if args.command == "adapter":
-            from crossspec_kernels.adapter_tools.cli import run_adapter
-
-            return run_adapter(args)
         return args.func(args)
     except BrokenPipeError:  # e.g. `crossspec demo | head`: stop quietly, like other CLI tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return EXIT_OK
+    except Exception:  # not a usage error (those are SystemExit): keep the traceback, exit 3, not 1
+        traceback.print_exc()
+        print(f"crossspec {args.command}: runtime error (exit status {EXIT_RUNTIME})", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

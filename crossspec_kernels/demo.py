@@ -24,8 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from crossspec_kernels.cli_common import (
+    EXIT_OK,
+    EXIT_OUTPUTS_DIFFER,
+    UsageError,
+    add_command,
+    int_at_least,
+    output_file,
+)
 
+# torch and the models are imported inside the functions: `crossspec --help` imports this module
+# for its parser.
 # Sizes of the demo (small enough for a CPU in well under a minute).
 SENSOR = (48, 64)  # event camera / video height, width
 CLIP_US = 250_000
@@ -33,8 +42,10 @@ EVENT_RATE = 400_000.0  # events per second
 NEW_TOKENS = 24
 
 
-def build_models(device: torch.device, seed: int):
+def build_models(device, seed: int):
     """(target, drafter): the drafter's LLM starts as a copy of the target's."""
+    import torch
+
     from crossspec_kernels.models.eventgpt import EventGPTForCausalLM, eventgpt_config
     from crossspec_kernels.testing_models import tiny_video_llava
 
@@ -46,8 +57,10 @@ def build_models(device: torch.device, seed: int):
     return target.to(device), drafter.to(device)
 
 
-def make_request(drafter_config, clip_seed: int, device: torch.device) -> tuple[dict, dict, int]:
+def make_request(drafter_config, clip_seed: int, device) -> tuple[dict, dict, int]:
     """One request: (target inputs, drafter inputs, number of events) for a synthetic clip."""
+    import torch
+
     from crossspec_kernels import events_to_frames
     from crossspec_kernels.events import synthetic_clip
     from crossspec_kernels.models.eventgpt import EventGPTPromptBuilder, preprocess_event_frames
@@ -86,6 +99,8 @@ def make_request(drafter_config, clip_seed: int, device: torch.device) -> tuple[
 
 def left_pad_batch(requests: list[dict]) -> dict:
     """Stack single requests into one left-padded batch (pixel tensors are stacked as they are)."""
+    import torch
+
     width = max(r["input_ids"].shape[1] for r in requests)
     batch = {}
     for key in requests[0]:
@@ -102,6 +117,8 @@ def train_adapter_on(target, drafter, train_requests, workdir: Path, epochs: int
 
     Returns (adapter, number of pairs, the best epoch's record, the identity's top-1 agreement on
     the same held-out pairs, seconds)."""
+    import torch
+
     from crossspec_kernels.adapter_tools.data import load_lm_head, load_pairs, split_records
     from crossspec_kernels.adapter_tools.evaluate import evaluate_adapter
     from crossspec_kernels.adapter_tools.extract import extract_pairs, write_manifest
@@ -140,16 +157,22 @@ def train_adapter_on(target, drafter, train_requests, workdir: Path, epochs: int
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    device, backends = check_demo_args(args)  # before the models are built
+    import torch
+
     from crossspec_kernels.runtime import ChainDraft, CrossSpecEngine, TreeDraft
 
-    device = _resolve_device(args.device)
     backend = None if args.backend == "auto" else args.backend
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     print("crossspec demo: cross-modal speculative decoding, end to end, on TINY RANDOM models.")
     print("The generated text is meaningless and timings on a CPU are not speed claims; what the demo")
     print("shows: outputs identical to target.generate, acceptance with and without a trained adapter,")
-    print(f"drafts made while the target prefills (free tokens). device={device}, seed={args.seed}\n")
+    print(f"drafts made while the target prefills (free tokens). device={device}, seed={args.seed}")
+    print(
+        f"kernel backends (--backend {args.backend}): " + ", ".join(f"{op} {b}" for op, b in backends.items())
+    )
+    print()
 
     target, drafter = build_models(device, args.seed)
     requests = [
@@ -177,10 +200,16 @@ def run_demo(args: argparse.Namespace) -> int:
     target_inputs = left_pad_batch([t for t, _, _ in held_out])
     drafter_inputs = left_pad_batch([d for _, d, _ in held_out])
     prompt = target_inputs["input_ids"].shape[1]
+    # Target LLM forward passes, counted for the baseline and every engine run alike.
+    forwards = [0]
+    counter = target.get_decoder().register_forward_pre_hook(
+        lambda *_: forwards.__setitem__(0, forwards[0] + 1)
+    )
     t0 = time.perf_counter()
     with torch.no_grad():
         reference = target.generate(**target_inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[:, prompt:]
     reference_ms = (time.perf_counter() - t0) * 1e3
+    reference_forwards = forwards[0]
 
     runs = [
         ("chain gamma=4, no adapter", ChainDraft(4), None),
@@ -190,68 +219,93 @@ def run_demo(args: argparse.Namespace) -> int:
     results = []
     for title, draft, run_adapter in runs:
         engine = CrossSpecEngine(target, drafter, run_adapter, draft=draft, backend=backend)
+        forwards[0] = 0
         out = engine.generate(target_inputs, drafter_inputs, max_new_tokens=NEW_TOKENS)
-        results.append((title, torch.equal(out.sequences, reference), out.stats))
+        results.append(
+            (title, torch.equal(out.sequences, reference), {**out.stats, "target_forwards": forwards[0]})
+        )
+    counter.remove()
 
     print(f"held-out batch: {len(held_out)} requests (left padded), {NEW_TOKENS} new tokens each, greedy")
-    header = f"{'run':<28} {'identical':>9} {'accept':>7} {'acc/round':>9} {'free':>5} {'rounds':>6} {'TTFT ms':>8} {'total ms':>9}"
+    header = (
+        f"{'run':<28} {'identical':>9} {'accept':>7} {'acc/round':>9} {'free':>5} {'rounds':>6} "
+        f"{'target fwd':>10} {'TTFT ms':>8} {'total ms':>9}"
+    )
     print(header)
     print("-" * len(header))
+    # target.generate's rounds are its decode steps: one target forward each.
     print(
-        f"{'target.generate':<28} {'-':>9} {'-':>7} {'-':>9} {'-':>5} {NEW_TOKENS:>6} {'-':>8} {reference_ms:>9.0f}"
+        f"{'target.generate':<28} {'-':>9} {'-':>7} {'-':>9} {'-':>5} {reference_forwards:>6} "
+        f"{reference_forwards:>10} {'-':>8} {reference_ms:>9.0f}"
     )
     for title, same, stats in results:
         print(
             f"{title:<28} {'yes' if same else 'NO':>9} {stats['acceptance_rate']:>7.2f} "
             f"{stats['mean_accepted_length']:>9.2f} {stats['free_tokens']:>5} {stats['rounds']:>6} "
-            f"{stats['ttft_ms']:>8.0f} {stats['total_ms']:>9.0f}"
+            f"{stats['target_forwards']:>10} {stats['ttft_ms']:>8.0f} {stats['total_ms']:>9.0f}"
         )
     stages = results[-1][2]["stage_ms"]
     print(f"\nper-stage ms ({results[-1][0]}): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     print(
         "accept = accepted drafts / drafted depth; acc/round = drafts accepted per round and request "
-        "(each round also commits one target token); free = drafts finished while the target prefilled."
+        "(each round also commits one target token); free = drafts finished while the target prefilled\n"
+        "(it depends on thread timing, so it varies between identical runs); target fwd = measured forward\n"
+        "passes of the target's language model (prefill included)."
     )
     print(f"\ndone in {time.perf_counter() - start:.1f} s")
     if args.json:
         payload = {
             "device": str(device),
+            "backends": backends,
+            "reference_target_forwards": reference_forwards,
             "adapter_top1_held_out": {"trained": best["eval_top1"], "identity": identity_top1},
             "reference_ms": reference_ms,
             "runs": [{"run": title, "identical": same, "stats": stats} for title, same, stats in results],
         }
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return 0 if all(same for _, same, _ in results) else 1
-
-
-def _resolve_device(name: str) -> torch.device:
-    from crossspec_kernels.generate_cli import resolve_device
-    from crossspec_kernels.generate_inputs import GenerateError
-
-    try:
-        return resolve_device(name)
-    except GenerateError as error:
-        print(f"crossspec demo: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return EXIT_OK if all(same for _, same, _ in results) else EXIT_OUTPUTS_DIFFER
 
 
 def add_demo_parser(sub) -> None:
-    demo = sub.add_parser("demo", help="the engine end to end on tiny random models (CPU < 1 min)")
+    demo = add_command(sub, "demo", help="the engine end to end on tiny random models (CPU < 1 min)")
     demo.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
     demo.add_argument("--seed", type=int, default=0, help="seed of models, clips and sampling")
-    demo.add_argument("--train-clips", type=int, default=32, help="clips for adapter training (default 32)")
-    demo.add_argument("--epochs", type=int, default=20, help="adapter training epochs (default 20)")
+    demo.add_argument("--train-clips", type=int_at_least(2), default=32, help="clips for adapter training")
+    demo.add_argument("--epochs", type=int_at_least(1), default=20, help="adapter training epochs")
     demo.add_argument(
         "--backend",
         choices=("auto", "cuda", "triton", "reference"),
         default="auto",
-        help="force the kernels' backend (default: each op picks from the device)",
+        help="force the kernels' backend (auto: each op picks from the device)",
     )
     demo.add_argument("--json", default=None, help="also write the results to this JSON file")
     demo.set_defaults(func=run_demo)
 
 
-def check_demo_args(args: argparse.Namespace) -> None:
-    if args.train_clips < 2 or args.epochs < 1:
-        print("crossspec demo: --train-clips must be >= 2 and --epochs >= 1", file=sys.stderr)
-        raise SystemExit(2)
+# The ops the engine runs, each with the backend it would pick; a forced --backend must suit all.
+_DEMO_OPS = ("verify", "tree_attention", "lm_head_topk")
+
+
+def check_demo_args(args: argparse.Namespace) -> tuple[object, dict[str, str]]:
+    """(device, {op: backend}) once every flag is known to work here; a UsageError (exit 2) otherwise."""
+    try:
+        if args.json:
+            output_file(args.json, "--json")
+        from crossspec_kernels.generate_cli import resolve_device
+
+        device = resolve_device(args.device)
+        import torch
+
+        from crossspec_kernels.ops._dispatch import pick_backend
+
+        backend = None if args.backend == "auto" else args.backend
+        backends = {}
+        for op in _DEMO_OPS:
+            try:
+                backends[op] = pick_backend(op, backend, device, torch.float32)
+            except (RuntimeError, ValueError) as error:  # the reason it cannot run here
+                raise UsageError(f"--backend {args.backend} cannot run on {device} here: {error}") from None
+    except UsageError as error:
+        print(f"crossspec demo: error: {error}", file=sys.stderr)
+        raise
+    return device, backends

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crossspec_kernels.cli_common import UsageError as GenerateError  # one user-error type, exit 2
 from crossspec_kernels.models.eventgpt import CLIP_MEAN, CLIP_STD
 
 ARRAY_VIDEO_EXTENSIONS = (".npy", ".pt", ".pth")
@@ -24,17 +25,6 @@ DSEC_EXTENSIONS = (".h5", ".hdf5")
 DEFAULT_DSEC_SENSOR_SIZE = (480, 640)
 # PIL resampling codes in processor configs -> torch interpolation modes.
 _RESAMPLE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
-
-
-class GenerateError(SystemExit):
-    """A user error: ``str(error)`` is the one-line message, the exit status is 2."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(2)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def existing_file(path: str, what: str) -> Path:

@@ -228,6 +228,29 @@ def test_training_resume_matches_uninterrupted_run(pairs_dir, tmp_path):
     assert again["history"] == whole["history"]
 
 
+class _CreatesFile:
+    """A pickle payload: unpickling it calls open(path, "w"), so the file's existence tells whether it ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_training_refuses_a_planted_checkpoint(pairs_dir, tmp_path):
+    adapter_api()
+    out, marker = tmp_path / "run", tmp_path / "payload_ran"
+    out.mkdir()
+    torch.save({"config": _CreatesFile(marker)}, out / "checkpoint.pt")
+    config = TrainConfig(adapter={"kind": "linear"}, epochs=1, batch_size=64)
+    with pytest.raises(ValueError, match=r"cannot resume from .*run/checkpoint.pt: .*--no-resume"):
+        train_adapter(pairs_dir, out, config, show_progress=False)
+    assert not marker.exists()
+    torch.load(out / "checkpoint.pt", weights_only=False)  # the payload is real: a full unpickle runs it
+    assert marker.exists()
+
+
 def test_smooth_l1_to_target_hidden(pairs_dir, tmp_path):
     adapter_api()
     config = TrainConfig(adapter={"kind": "linear"}, epochs=1, batch_size=64, smooth_l1_weight=0.5)
@@ -459,4 +482,8 @@ def test_cli_end_to_end(tmp_path):
     no_pairs = _crossspec(
         "adapter", "train", "--pairs", str(tmp_path / "x"), "--out", str(tmp_path / "y"), check=False
     )
-    assert no_pairs.returncode == 2 and "PairDataError" in no_pairs.stderr
+    assert (
+        no_pairs.returncode == 2
+        and "--pairs folder" in no_pairs.stderr
+        and "does not exist" in no_pairs.stderr
+    )

@@ -45,7 +45,7 @@ def test_demo_runs_end_to_end_and_is_lossless(tmp_path):
 def test_demo_rejects_bad_arguments():
     result = run_cli("demo", "--train-clips", "1")
     assert result.returncode == 2
-    assert "--train-clips must be >= 2" in result.stderr
+    assert "argument --train-clips: must be >= 2" in result.stderr
     assert "Traceback" not in result.stderr
     if not torch.cuda.is_available():
         result = run_cli("demo", "--device", "cuda")

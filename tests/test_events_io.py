@@ -11,6 +11,7 @@ import torch
 from crossspec_kernels.events import (
     DSECEventFile,
     EventStream,
+    UnsafePickleError,
     frame_times_us,
     load_eventgpt_npy,
     save_eventgpt_npy,
@@ -289,6 +290,153 @@ def test_eventgpt_npy_structured_array(tmp_path):
     np.save(path, array)
     stream = load_eventgpt_npy(path, sensor_size=(5, 5))
     assert stream.x.tolist() == [1, 2, 3, 4] and stream.t.tolist() == [0, 1, 1, 8]
+
+
+class _CreatesFile:
+    """A pickle payload: unpickling it calls open(path, "w"), so the file's existence tells whether it ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_eventgpt_npy_refuses_a_planted_pickle(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "planted.npy"
+    np.save(path, {"x": _CreatesFile(marker), "y": ints(1), "t": ints(1), "p": ints(1)}, allow_pickle=True)
+    with pytest.raises(UnsafePickleError, match=r"planted.npy refers to io.open, .*--trust-pickle"):
+        load_eventgpt_npy(path)
+    assert not marker.exists()
+    # The payload is real: the explicit opt-in runs it (and then x, a file object, is refused).
+    with pytest.raises(ValueError, match="'x' must be a numeric array, got TextIOWrapper"):
+        load_eventgpt_npy(path, trust_pickle=True)
+    assert marker.exists()
+
+
+def test_eventgpt_npy_restricted_loader_reads_lists_and_numpy_scalars(tmp_path):
+    path = tmp_path / "lists.npy"
+    events = {"x": [1, 2], "y": [0, 3], "t": np.array([4.0, 9.0]), "p": [True, False], "n": np.int64(2)}
+    np.save(path, events, allow_pickle=True)
+    stream = load_eventgpt_npy(path, sensor_size=SENSOR)
+    assert stream.x.tolist() == [1, 2] and stream.t.tolist() == [4, 9] and stream.p.tolist() == [1, 0]
+
+
+def test_eventgpt_npy_unreadable_files(tmp_path):
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.npy"
+    text.write_text("x,y,t,p\n1,2,3,1\n")
+    truncated = tmp_path / "truncated.npy"
+    save_eventgpt_npy(tmp_path / "whole.npy", random_stream(1_000, 10_000, seed=14))
+    whole = (tmp_path / "whole.npy").read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    for path in (empty, text, truncated):
+        with pytest.raises(ValueError, match=rf"{path.name} is not a readable .npy file"):
+            load_eventgpt_npy(path)
+
+
+def events_dict(**changes):
+    return {"x": ints(1, 2), "y": ints(1, 2), "t": ints(3, 4), "p": ints(0, 1), **changes}
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(x=None), "'x' must be a numeric array, got NoneType"),
+        (dict(y=np.array(["a", "b"])), "'y' must be a numeric array, got dtype <U1"),
+        (dict(p=np.zeros((2, 1))), r"'p' must be 1-D \[n\], got shape \(2, 1\)"),
+        (dict(t=np.array([1.0, np.nan])), r"t must be finite whole microseconds, got t\[1\] = nan"),
+        (dict(t=np.array([-np.inf, 1.0])), r"t must be finite whole microseconds, got t\[0\] = -inf"),
+        (dict(t=np.array([1.0, 1e19])), r"t\[1\] = 1e\+19 does not fit int64"),
+        (dict(t=np.array([1, 2**63], dtype=np.uint64)), r"t\[1\] = 9223372036854775808 does not fit int64"),
+    ],
+)
+def test_eventgpt_npy_bad_fields_name_file_and_field(tmp_path, changes, message):
+    path = tmp_path / "bad_field.npy"
+    np.save(path, events_dict(**changes), allow_pickle=True)
+    with pytest.raises(ValueError, match=rf"load_eventgpt_npy: .*bad_field.npy: .*{message}"):
+        load_eventgpt_npy(path, sensor_size=SENSOR)
+
+
+def test_stream_refuses_uint64_times_that_would_wrap():
+    times = np.array([0, 2**63 + 5], dtype=np.uint64)
+    for t in (times, torch.from_numpy(times)):
+        with pytest.raises(ValueError, match=r"EventStream: t\[1\] = 9223372036854775813 does not fit int64"):
+            EventStream(ints(0, 1), ints(0, 1), t, ints(0, 1), SENSOR)
+
+
+def write_dsec_like(path, t=None, t_offset=None, **events):
+    """A DSEC-shaped file with the given datasets replaced (t_offset=None leaves it out)."""
+    data = {
+        "x": np.array([1, 2], np.uint16),
+        "y": np.array([1, 2], np.uint16),
+        "p": np.array([0, 1], np.uint8),
+    }
+    data.update(events)
+    data["t"] = np.array([10, 20], np.uint32) if t is None else t
+    with h5py.File(path, "w") as file:
+        for name, values in data.items():
+            file.create_dataset(f"events/{name}", data=values)
+        file.create_dataset("ms_to_idx", data=np.array([0, 2], np.uint64))
+        if t_offset is not None:
+            file.create_dataset("t_offset", data=t_offset)
+    return path
+
+
+@pytest.mark.parametrize(
+    "t_offset, message",
+    [
+        ("abc", r"t_offset must be one integer \(int64 µs\), got dtype (object|\|S3)"),
+        (np.array([1, 2]), r"t_offset must be one integer \(int64 µs\), got dtype int64, shape \(2,\)"),
+        (np.float64("nan"), r"t_offset must be finite whole microseconds, got t_offset\[0\] = nan"),
+        (np.float64(1.5), r"t_offset must be finite whole microseconds, got t_offset\[0\] = 1.5"),
+    ],
+)
+def test_dsec_bad_t_offset(tmp_path, t_offset, message):
+    path = write_dsec_like(tmp_path / "events.h5", t_offset=t_offset)
+    with pytest.raises(ValueError, match=rf"DSECEventFile: .*events.h5: {message}"):
+        DSECEventFile(path)
+
+
+def test_dsec_t_offset_overflow_on_absolute_read(tmp_path):
+    path = write_dsec_like(tmp_path / "events.h5", t_offset=np.int64(2**63 - 15))
+    with DSECEventFile(path) as events:
+        assert events.read(0, 1_000).t.tolist() == [10, 20]  # file time does not add the offset
+        with pytest.raises(ValueError, match=r"events.h5: t \+ t_offset overflows int64"):
+            events.read(events.t_offset, events.t_offset + 1_000, absolute=True)
+
+
+@pytest.mark.parametrize(
+    "t, message",
+    [
+        (np.array([10.0, np.nan]), r"events/t must be finite whole microseconds, got events/t\[1\] = nan"),
+        (np.array([10.0, 20.5]), r"events/t must be finite whole microseconds, got events/t\[1\] = 20.5"),
+        (np.array([10, 2**63 + 1], np.uint64), r"events/t\[1\] = 9223372036854775809 does not fit int64"),
+        (np.array([b"a", b"b"]), r"events/t must hold numbers \(DSEC: uint32\), got dtype \|S1"),
+    ],
+)
+def test_dsec_bad_times(tmp_path, t, message):
+    path = write_dsec_like(tmp_path / "events.h5", t=t)
+    with (
+        pytest.raises(ValueError, match=rf"DSECEventFile: .*events.h5: {message}"),
+        DSECEventFile(path) as events,
+    ):
+        events.read(*events.time_range)
+
+
+def test_dsec_unreadable_files(tmp_path):
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.h5"
+    text.write_text("not an HDF5 file\n")
+    whole = write_dsec_like(tmp_path / "whole.h5").read_bytes()
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    for path in (empty, text, truncated):
+        with pytest.raises(OSError, match=rf"{path.name} is not a readable HDF5 file .*empty, truncated"):
+            DSECEventFile(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""``crossspec adapter extract|train|eval``: argument parsers and runners (wired into crossspec.cli)."""
+"""``crossspec adapter extract|train|eval``: argument parsers and runners (wired into crossspec.cli).
+
+The parsers import nothing heavy (``--help`` stays fast); each runner checks its flags and files
+before it imports torch or loads a model.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,19 @@ import json
 import sys
 from pathlib import Path
 
-from crossspec_kernels.adapter_tools.extract import DTYPES, ManifestError, PairDataError
+from crossspec_kernels.cli_common import (
+    EXIT_USAGE,
+    UsageError,
+    add_command,
+    existing_dir,
+    float_in,
+    int_at_least,
+    output_file,
+)
 
 ADAPTER_KINDS = ("linear", "bottleneck", "eagle")
+# The keys of extract.DTYPES, spelled out because extract imports torch (a test keeps them equal).
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
 
 
 def load_model(path: str, class_name: str | None = None):
@@ -36,8 +50,11 @@ def load_model(path: str, class_name: str | None = None):
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from crossspec_kernels.adapter_tools.extract import extract_pairs
+    from crossspec_kernels.adapter_tools.extract import extract_pairs, read_manifest
 
+    existing_dir(args.drafter, "--drafter")
+    existing_dir(args.target, "--target")
+    read_manifest(args.manifest)  # every line and the files it names, before minutes of model loading
     drafter = load_model(args.drafter, args.drafter_class).to(args.device)
     target = load_model(args.target, args.target_class).to(args.device)
     index = extract_pairs(
@@ -80,8 +97,13 @@ def run_train(args: argparse.Namespace) -> int:
         eval_fraction=args.eval_fraction,
         seed=args.seed,
     )
+    from crossspec_kernels.adapter_tools.data import load_index
+
+    existing_dir(args.pairs, "--pairs")
+    load_index(args.pairs)  # a complete extraction, before the target's LM head is loaded
     lm_head = None
     if args.target:
+        existing_dir(args.target, "--target")
         lm_head = load_model(args.target, args.target_class).get_output_embeddings().weight.detach()
     result = train_adapter(
         args.pairs,
@@ -101,6 +123,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    existing_dir(args.pairs, "--pairs")
+    existing_dir(args.adapter, "--adapter")
+    if args.json:
+        output_file(args.json, "--json")
     import torch
 
     from crossspec_kernels.adapter_tools.data import load_lm_head, load_pairs, split_records
@@ -144,10 +170,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_adapter_parser(sub) -> None:
     """Add ``adapter`` with ``extract``, ``train`` and ``eval`` to a subparsers object."""
-    adapter = sub.add_parser("adapter", help="adapter toolchain: extract pairs, train, evaluate")
+    adapter = add_command(sub, "adapter", help="adapter toolchain: extract pairs, train, evaluate")
     commands = adapter.add_subparsers(dest="adapter_command", required=True, metavar="ADAPTER_COMMAND")
+    positive = int_at_least(1)
+    fraction = float_in(0.0, 1.0)
 
-    ex = commands.add_parser(
+    ex = add_command(
+        commands,
         "extract",
         help="run drafter and target over a manifest; store drafter hidden + target next tokens",
         description='Manifest: JSON lines {"drafter_inputs": x.pt, "target_inputs": y.pt, "prompt": str}, '
@@ -160,69 +189,82 @@ def add_adapter_parser(sub) -> None:
     ex.add_argument("--target-class", help="transformers class name for the target (default: Auto classes)")
     ex.add_argument("--manifest", required=True, help="JSON-lines manifest of paired inputs")
     ex.add_argument("--out", required=True, help="output folder for shards and index.json")
-    ex.add_argument(
-        "--num-new-tokens", type=int, default=32, help="greedy target tokens per record (default 32)"
-    )
-    ex.add_argument("--records-per-shard", type=int, default=64, help="records per shard file (default 64)")
+    ex.add_argument("--num-new-tokens", type=positive, default=32, help="greedy target tokens per record")
+    ex.add_argument("--records-per-shard", type=positive, default=64, help="records per shard file")
     ex.add_argument("--target-hidden", action="store_true", help="also store the target's hidden states")
-    ex.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="hidden-state storage dtype")
-    ex.add_argument("--device", default="cpu", help="device to run the models on (default cpu)")
-    ex.add_argument("--max-shards", type=int, help="write at most this many new shards, then stop")
+    ex.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="hidden-state storage dtype")
+    ex.add_argument("--device", default="cpu", help="device to run the models on")
+    ex.add_argument("--max-shards", type=positive, help="write at most this many new shards, then stop")
     ex.add_argument("--overwrite", action="store_true", help="discard pairs extracted with other settings")
     ex.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ex.set_defaults(func=run_extract)
+    ex.set_defaults(func=run_adapter, run=run_extract)
 
-    tr = commands.add_parser("train", help="train an adapter on extracted pairs (resumes from --out)")
+    tr = add_command(commands, "train", help="train an adapter on extracted pairs (resumes from --out)")
     tr.add_argument("--pairs", required=True, help="folder written by `adapter extract`")
     tr.add_argument("--out", required=True, help="output folder (best/, last/, checkpoint.pt, history.json)")
-    tr.add_argument(
-        "--kind", choices=ADAPTER_KINDS, default="bottleneck", help="adapter kind (default bottleneck)"
-    )
-    tr.add_argument("--rank", type=int, default=256, help="bottleneck width r (default 256)")
+    tr.add_argument("--kind", choices=ADAPTER_KINDS, default="bottleneck", help="adapter kind")
+    tr.add_argument("--rank", type=positive, default=256, help="bottleneck width r")
     tr.add_argument(
         "--use-target-hidden", action="store_true", help="eagle: also feed the target's last hidden"
     )
     tr.add_argument("--target", help="take the LM head from this target folder instead of the pairs folder")
     tr.add_argument("--target-class", help="transformers class name for --target")
-    tr.add_argument("--epochs", type=int, default=5)
-    tr.add_argument("--batch-size", type=int, default=256)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--weight-decay", type=float, default=0.01)
-    tr.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of steps in linear warmup")
-    tr.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    tr.add_argument("--epochs", type=positive, default=5, help="training epochs")
+    tr.add_argument("--batch-size", type=positive, default=256, help="pairs per optimizer step")
     tr.add_argument(
-        "--smooth-l1-weight", type=float, default=0.0, help="SmoothL1 to target hidden (needs it)"
+        "--lr", type=float_in(0.0, float("inf"), low_open=True), default=1e-3, help="AdamW peak learning rate"
     )
-    tr.add_argument("--eval-fraction", type=float, default=0.1, help="fraction of records held out")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument(
+        "--weight-decay", type=float_in(0.0, float("inf")), default=0.01, help="AdamW weight decay"
+    )
+    tr.add_argument("--warmup-ratio", type=fraction, default=0.05, help="fraction of steps in linear warmup")
+    tr.add_argument("--min-lr-ratio", type=fraction, default=0.0, help="cosine floor as a fraction of --lr")
+    tr.add_argument(
+        "--smooth-l1-weight",
+        type=float_in(0.0, float("inf")),
+        default=0.0,
+        help="SmoothL1 to target hidden (needs pairs extracted with --target-hidden)",
+    )
+    tr.add_argument(
+        "--eval-fraction",
+        type=float_in(0.0, 1.0, low_open=True, high_open=True),
+        default=0.1,
+        help="fraction of records held out",
+    )
+    tr.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and split")
     tr.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
-    tr.add_argument("--stop-after-epochs", type=int, help="stop this run after N epochs (resume later)")
+    tr.add_argument("--stop-after-epochs", type=positive, help="stop this run after N epochs (resume later)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    tr.set_defaults(func=run_train)
+    tr.set_defaults(func=run_adapter, run=run_train)
 
-    ev = commands.add_parser("eval", help="top-1/top-5 agreement and expected accepted length, gamma 1..8")
+    ev = add_command(commands, "eval", help="top-1/top-5 agreement and expected accepted length, gamma 1..8")
     ev.add_argument("--pairs", required=True, help="folder written by `adapter extract`")
     ev.add_argument(
         "--adapter", required=True, help="adapter folder (save_pretrained), e.g. <train out>/best"
     )
+    ev.add_argument("--split", choices=("heldout", "all"), default="heldout", help="pairs to score")
     ev.add_argument(
-        "--split", choices=("heldout", "all"), default="heldout", help="pairs to score (default heldout)"
-    )
-    ev.add_argument(
-        "--eval-fraction", type=float, help="held-out fraction (default: the adapter's training split)"
+        "--eval-fraction",
+        type=float_in(0.0, 1.0, low_open=True, high_open=True),
+        help="held-out fraction (default: the adapter's training split)",
     )
     ev.add_argument("--seed", type=int, help="split seed (default: the adapter's training split)")
     ev.add_argument(
         "--untrained", action="store_true", help="also score an untrained adapter of the same config"
     )
     ev.add_argument("--json", help="where to write the results (default <adapter>/eval.json)")
-    ev.set_defaults(func=run_eval)
+    ev.set_defaults(func=run_adapter, run=run_eval)
 
 
 def run_adapter(args: argparse.Namespace) -> int:
     """Run a parsed ``adapter`` subcommand; named input errors become a one-line message and exit 2."""
+    from crossspec_kernels.adapter_tools.extract import ManifestError, PairDataError
+
     try:
-        return args.func(args)
+        return args.run(args)
+    except UsageError as error:
+        print(f"crossspec adapter {args.adapter_command}: error: {error}", file=sys.stderr)
+        raise
     except (ManifestError, PairDataError, FileNotFoundError, ValueError) as error:
         print(f"crossspec adapter {args.adapter_command}: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE

@@ -9,7 +9,8 @@ Output folder::
 
     best/            the best adapter so far (save_pretrained) + metrics.json
     last/            the adapter after the last finished epoch
-    checkpoint.pt    adapter + optimizer + scheduler state, finished epochs, RNG states, history
+    checkpoint.pt    adapter + optimizer + scheduler state, finished epochs, RNG states (as tensors),
+                     history; loaded with torch.load(weights_only=True), so it runs no code
     history.json     per-epoch train loss and held-out metrics
 
 Resuming (``resume=True``) reloads checkpoint.pt and continues with the next epoch; data order is a
@@ -70,13 +71,35 @@ def _lr_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
 
 
 def _rng_state() -> dict:
-    # numpy's global RNG is not used here, so torch and Python's states are the ones to carry.
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """torch's and Python's RNG states as tensors and plain values, so the checkpoint loads with
+    ``torch.load(weights_only=True)`` (numpy's global RNG is not used here)."""
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "python_version": version,
+        "python_state": torch.tensor(internal, dtype=torch.int64),  # 625 words, each < 2**32
+        "python_gauss_next": gauss_next,
+    }
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    internal = tuple(int(word) for word in state["python_state"].tolist())
+    random.setstate((state["python_version"], internal, state["python_gauss_next"]))
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """checkpoint.pt with weights_only=True: tensors and plain containers only, so a planted file
+    cannot run code; anything else is refused with a message naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError for a refused global, others for a bad file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"train: cannot resume from {path}: it is not a checkpoint this tool writes (tensors and "
+            f"plain values only; {type(error).__name__}: {first_line}). Delete it, or pass --no-resume "
+            "(resume=False) to start over"
+        ) from error
 
 
 def check_compatible(
@@ -179,7 +202,7 @@ def train_adapter(
     start_epoch, history, best = 0, [], None
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = _load_checkpoint(checkpoint_path)
         if state["config"] != full_config:
             raise ValueError(
                 f"train: {checkpoint_path} was written with another config; use another --out or --no-resume"

@@ -10,19 +10,21 @@ Formats:
         which lets a time window be read without loading the file. Needs h5py
         (``pip install 'crossspec-kernels[events]'``); real DSEC files also need hdf5plugin.
     EventGPT ``.npy`` (``load_eventgpt_npy``, ``save_eventgpt_npy``): a dict {'x', 'y', 't', 'p'} saved
-        with ``np.save``, i.e. a pickle: load trusted files only.
+        with ``np.save``, i.e. a pickle, read by a restricted unpickler that builds only dicts, lists
+        and numpy arrays (``UnsafePickleError`` otherwise; ``trust_pickle=True`` opts out).
     Synthetic (``synthetic_clip``): a moving scene rendered both as events and as RGB video frames,
         for tests and demos without data.
 """
 
 from crossspec_kernels.events.dsec import DSECEventFile, write_dsec_h5
-from crossspec_kernels.events.eventgpt import load_eventgpt_npy, save_eventgpt_npy
+from crossspec_kernels.events.eventgpt import UnsafePickleError, load_eventgpt_npy, save_eventgpt_npy
 from crossspec_kernels.events.stream import EventStream
 from crossspec_kernels.events.synthetic import frame_times_us, synthetic_clip
 
 __all__ = [
     "DSECEventFile",
     "EventStream",
+    "UnsafePickleError",
     "frame_times_us",
     "load_eventgpt_npy",
     "save_eventgpt_npy",

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from crossspec_kernels.events.stream import EventStream, check_sensor_size
+from crossspec_kernels.events.stream import EventStream, as_int64, check_sensor_size
 
 EVENT_DATASETS = ("events/x", "events/y", "events/t", "events/p")
 DSEC_SENSOR_SIZE = (480, 640)
 _UINT32_LIMIT = 2**32
 _UINT16_LIMIT = 2**16
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _import_h5py():
@@ -58,7 +59,13 @@ class DSECEventFile:
         if not self.path.is_file():
             raise FileNotFoundError(f"DSECEventFile: no such file: {self.path}")
         self.sensor_size = check_sensor_size(sensor_size, "DSECEventFile")
-        self._file = h5py.File(self.path, "r")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as error:  # h5py's error for empty, truncated and non-HDF5 files
+            raise OSError(
+                f"DSECEventFile: {self.path} is not a readable HDF5 file ({error}); expected a DSEC "
+                "events.h5 (is it empty, truncated, or another format?)"
+            ) from error
         try:
             self._events, self._ms_to_idx, self.t_offset = self._open_datasets(h5py)
         except BaseException:
@@ -79,13 +86,32 @@ class DSECEventFile:
             raise ValueError(
                 f"DSECEventFile: {self.path}: events/* must be 1-D and equally long, got {shapes}"
             )
+        kinds = {"x": "iu", "y": "iu", "t": "iuf", "p": "iub"}
+        for name, allowed in kinds.items():
+            dtype = events[name].dtype
+            if dtype.kind not in allowed:
+                raise ValueError(
+                    f"DSECEventFile: {self.path}: events/{name} must hold numbers (DSEC: "
+                    f"{'uint32' if name == 't' else 'uint16' if name in 'xy' else 'uint8'}), got dtype {dtype}"
+                )
         ms_to_idx = self._file["ms_to_idx"]
         if ms_to_idx.ndim != 1 or ms_to_idx.shape[0] == 0:
             raise ValueError(
                 f"DSECEventFile: {self.path}: ms_to_idx must be 1-D and non-empty, got {ms_to_idx.shape}"
             )
-        t_offset = int(self._file["t_offset"][()]) if "t_offset" in self._file else 0
-        return events, ms_to_idx, t_offset
+        return events, ms_to_idx, self._read_t_offset(h5py)
+
+    def _read_t_offset(self, h5py) -> int:
+        if "t_offset" not in self._file:
+            return 0
+        dataset = self._file["t_offset"]
+        value = np.asarray(dataset[()]) if isinstance(dataset, h5py.Dataset) else None
+        if value is None or value.size != 1 or value.dtype.kind not in "iuf":
+            found = f"dtype {value.dtype}, shape {value.shape}" if value is not None else "a group"
+            raise ValueError(
+                f"DSECEventFile: {self.path}: t_offset must be one integer (int64 µs), got {found}"
+            )
+        return int(as_int64(value.reshape(1), "t_offset", f"DSECEventFile: {self.path}")[0])
 
     def __enter__(self) -> DSECEventFile:
         return self
@@ -108,8 +134,10 @@ class DSECEventFile:
         self._check_open()
         if len(self) == 0:
             return 0, 0
-        times = self._events["t"]
-        return int(times[0]), int(times[-1]) + 1
+        times, last = self._events["t"], len(self) - 1
+        where = f"DSECEventFile: {self.path}"
+        first = int(as_int64(times[0:1], "events/t", where)[0])
+        return first, int(as_int64(times[last:], "events/t", where, first_index=last)[0]) + 1
 
     def read(self, t0_us: int, t1_us: int, *, absolute: bool = False, clip: str = "error") -> EventStream:
         """Events with t0_us <= t < t1_us as an EventStream (int64 t in the same time base as the bounds).
@@ -125,11 +153,17 @@ class DSECEventFile:
         try:
             start, stop, times = self._locate(int(t0_us) - shift, int(t1_us) - shift)
             x, y, p = (self._events[name][start:stop] for name in "xyp")
-        except OSError as error:  # h5py's way of saying a compression filter is missing, among others
+        except OSError as error:  # h5py's error for a missing compression filter and for truncated data
             raise OSError(
-                f"DSECEventFile: reading {self.path} failed ({error}); DSEC files are Blosc-compressed, "
-                "which needs pip install hdf5plugin"
+                f"DSECEventFile: reading {self.path} failed ({error}); the file may be truncated, or "
+                "compressed with a filter h5py lacks (DSEC files use Blosc: pip install hdf5plugin)"
             ) from error
+        # numpy's int64 addition wraps silently; times are sorted, so the ends bound the sum.
+        if times.size and not _INT64_MIN <= int(times[0]) + shift <= int(times[-1]) + shift <= _INT64_MAX:
+            raise ValueError(
+                f"DSECEventFile: {self.path}: t + t_offset overflows int64 (t in [{int(times[0])}, "
+                f"{int(times[-1])}], t_offset={self.t_offset}): the file's t_offset is corrupt"
+            )
         try:
             return EventStream(x, y, times + shift, p, self.sensor_size, clip=clip)
         except ValueError as error:
@@ -151,7 +185,8 @@ class DSECEventFile:
             )
         # One event more on each side lets us check the table instead of trusting it.
         read_lo, read_hi = max(lo - 1, 0), min(hi + 1, num_events)
-        chunk = self._events["t"][read_lo:read_hi].astype(np.int64)
+        where = f"DSECEventFile: {self.path}"
+        chunk = as_int64(self._events["t"][read_lo:read_hi], "events/t", where, first_index=read_lo)
         if chunk.size > 1 and bool(np.any(chunk[1:] < chunk[:-1])):
             index = read_lo + int(np.argmax(chunk[1:] < chunk[:-1])) + 1
             raise ValueError(

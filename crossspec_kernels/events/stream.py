@@ -12,11 +12,12 @@ CLIP_MODES = ("error", "drop")
 
 # x/y are stored as int16 when every coordinate fits, halving the memory of long streams.
 _INT16_LIMIT = 2**15
-# torch has no general uint16/uint32 arithmetic: those are widened before wrapping.
+_INT64_MAX = 2**63 - 1
+# torch has no general uint16/uint32 arithmetic: those are widened before wrapping (uint64 goes
+# through as_int64, which checks that every value fits).
 _NUMPY_WIDENED = {
     np.dtype(np.uint16): np.dtype(np.int32),
     np.dtype(np.uint32): np.dtype(np.int64),
-    np.dtype(np.uint64): np.dtype(np.int64),
 }
 
 
@@ -186,10 +187,45 @@ def check_sensor_size(sensor_size, where: str = "EventStream") -> tuple[int, int
     return int(sensor_size[0]), int(sensor_size[1])
 
 
+def as_int64(
+    values: np.ndarray, name: str = "t", where: str = "EventStream", first_index: int = 0
+) -> np.ndarray:
+    """Integer or whole-float values (microsecond timestamps, mostly) as int64, refusing what a cast
+    would corrupt.
+
+    A plain ``astype(np.int64)`` truncates fractions, turns NaN and values past 2**63 into -2**63 and
+    wraps uint64 values above 2**63 - 1 to negative times, all silently. ``first_index`` is the
+    position of ``values[0]`` in the whole array, for the messages of chunked reads.
+    """
+    if values.dtype.kind == "f":
+        bad = ~np.isfinite(values) | (values != np.floor(values))
+        if bool(np.any(bad)):
+            index = int(np.argmax(bad))
+            raise ValueError(
+                f"{where}: {name} must be finite whole microseconds, got {name}[{first_index + index}] = "
+                f"{float(values[index])}"
+            )
+        outside = (values < -(2.0**63)) | (values >= 2.0**63)
+    elif values.dtype.kind in "iu":
+        wide_unsigned = values.dtype.kind == "u" and values.dtype.itemsize == 8
+        outside = values > _INT64_MAX if wide_unsigned else np.zeros(values.shape, dtype=bool)
+    else:
+        raise ValueError(f"{where}: {name} must be an integer or float array, got dtype {values.dtype}")
+    if bool(np.any(outside)):
+        index = int(np.argmax(outside))
+        raise ValueError(
+            f"{where}: {name}[{first_index + index}] = {values[index]} does not fit int64 (|{name}| < 2**63): "
+            "the values overflowed or the file is corrupt"
+        )
+    return values.astype(np.int64)
+
+
 def _as_1d_tensor(name: str, value) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise ValueError(f"EventStream: {name} must be a numeric array, got numpy dtype {value.dtype}")
+        if value.dtype.kind == "u" and value.dtype.itemsize == 8:
+            value = as_int64(value, name)
         # torch.from_numpy needs native byte order and positive strides (h5 and reversed views may lack them).
         dtype = _NUMPY_WIDENED.get(value.dtype, value.dtype).newbyteorder("=")
         value = torch.from_numpy(np.ascontiguousarray(value, dtype=dtype))
@@ -199,7 +235,9 @@ def _as_1d_tensor(name: str, value) -> torch.Tensor:
         )
     if value.dim() != 1:
         raise ValueError(f"EventStream: {name} must be 1-D [n], got shape {tuple(value.shape)}")
-    if value.dtype in (torch.uint16, torch.uint32, torch.uint64):
+    if value.dtype == torch.uint64:
+        value = torch.from_numpy(as_int64(value.cpu().numpy(), name)).to(value.device)
+    elif value.dtype in (torch.uint16, torch.uint32):
         value = value.to(torch.int64)
     return value
 
