@@ -1,4 +1,4 @@
-"""Adapters: shapes, the bottleneck's math, EAGLE inputs, save/load round trips, bad inputs."""
+"""Adapters: shapes, the bottleneck's math, EAGLE inputs, L2/L4, research labels and sizes, save/load, bad inputs."""
 
 import json
 import math
@@ -11,14 +11,17 @@ import torch.nn.functional as F
 from crossspec_kernels.models import (
     Adapter,
     AdapterConfig,
+    AttentionAdapter,
     BottleneckAdapter,
     EagleAdapter,
     LinearAdapter,
+    StackedBottleneckAdapter,
     build_adapter,
     load_adapter,
+    research_adapter_config,
     save_pretrained,
 )
-from crossspec_kernels.models.adapters import CONFIG_NAME, WEIGHTS_NAME
+from crossspec_kernels.models.adapters import CONFIG_NAME, RESEARCH_ADAPTERS, WEIGHTS_NAME, num_parameters
 
 VOCAB = 97
 
@@ -55,6 +58,8 @@ ALL_KINDS = [
     pytest.param("bottleneck", {}, id="bottleneck"),
     pytest.param("eagle", {}, id="eagle"),
     pytest.param("eagle", {"use_target_hidden": True}, id="eagle-L5F"),
+    pytest.param("stacked_bottleneck", {"num_layers": 2}, id="stacked_bottleneck-L2"),
+    pytest.param("attention", {"window": 4, "intermediate_size": 24}, id="attention-L4"),
 ]
 
 
@@ -387,9 +392,140 @@ def test_save_requires_config(tmp_path):
 
 
 def test_gradients_flow():
-    for kind, overrides in (("linear", {}), ("bottleneck", {}), ("eagle", {"use_target_hidden": True})):
+    for kind, overrides in (
+        ("linear", {}),
+        ("bottleneck", {}),
+        ("eagle", {"use_target_hidden": True}),
+        ("stacked_bottleneck", {}),
+    ):
         adapter = make_adapter(kind, **overrides).train()
         hidden, kwargs = make_inputs(adapter)
         loss = F.mse_loss(adapter(hidden, **kwargs), torch.zeros(3, 7, 48))
         loss.backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in adapter.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# L2 stacked bottleneck, L4 attention adapter, research labels and sizes
+
+
+def test_stacked_bottleneck_is_its_blocks_in_sequence():
+    adapter = make_adapter("stacked_bottleneck", num_layers=3)
+    assert type(adapter) is StackedBottleneckAdapter and len(adapter.blocks) == 3
+    assert [b.config.d_draft for b in adapter.blocks] == [40, 48, 48]
+    assert adapter.blocks[0].proj is not None and adapter.blocks[1].proj is None
+    hidden = torch.randn(5, 40)
+    want = adapter.blocks[2](adapter.blocks[1](adapter.blocks[0](hidden)))
+    torch.testing.assert_close(adapter(hidden), want, rtol=0, atol=0)
+    assert not hasattr(adapter, "fused_params")  # a stack is not one fusable bottleneck
+
+
+def attention_by_hand(adapter, hidden, context):
+    """The L4 block written out for one position: softmax attention over [context ; current]."""
+    cfg = adapter.config
+    x = adapter.in_proj(hidden) + adapter.distance_embed[0]
+    keys = [x]
+    if context is not None:
+        width = context.shape[0]
+        keys = [adapter.in_proj(context[j]) + adapter.distance_embed[width - j] for j in range(width)] + keys
+    normed = adapter.attn_norm(torch.stack(keys))
+    heads, head_dim = cfg.num_heads, cfg.d_target // cfg.num_heads
+    q = adapter.q_proj(normed[-1]).view(heads, head_dim)
+    k = adapter.k_proj(normed).view(-1, heads, head_dim)
+    v = adapter.v_proj(normed).view(-1, heads, head_dim)
+    weights = torch.softmax(torch.einsum("hd,shd->hs", q, k) / math.sqrt(head_dim), dim=-1)
+    y = x + adapter.o_proj(torch.einsum("hs,shd->hd", weights, v).reshape(-1))
+    return y + adapter.fc2(F.gelu(adapter.fc1(adapter.mlp_norm(y))))
+
+
+def test_attention_adapter_matches_formula():
+    adapter = make_adapter("attention", window=4, intermediate_size=24, num_heads=4)
+    assert type(adapter) is AttentionAdapter
+    hidden, context = torch.randn(40, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64)
+    adapter = adapter.double()
+    torch.testing.assert_close(adapter(hidden), attention_by_hand(adapter, hidden, None))
+    torch.testing.assert_close(adapter(hidden, context=context), attention_by_hand(adapter, hidden, context))
+
+
+def test_attention_adapter_window_degenerates_to_current_position():
+    adapter = make_adapter("attention", window=4, intermediate_size=24)
+    hidden, context = torch.randn(2, 5, 40), torch.randn(2, 5, 3, 40)
+    alone = adapter(hidden)  # what an engine holding only the current position runs
+    assert alone.shape == (2, 5, 48)
+    assert not torch.allclose(adapter(hidden, context=context), alone)
+    torch.testing.assert_close(adapter(hidden, context=context[..., :0, :]), alone)
+    absent = torch.zeros(2, 5, 3, dtype=torch.bool)
+    torch.testing.assert_close(adapter(hidden, context=context, context_mask=absent), alone)
+    # A masked-out state counts as absent: masking the oldest equals passing the two newest...
+    mask = torch.ones(2, 5, 3, dtype=torch.bool)
+    mask[..., 0] = False
+    torch.testing.assert_close(
+        adapter(hidden, context=context, context_mask=mask), adapter(hidden, context=context[..., 1:, :])
+    )
+
+
+def test_attention_adapter_bad_context():
+    adapter = make_adapter("attention", window=2, intermediate_size=24)
+    hidden = torch.randn(3, 40)
+    with pytest.raises(ValueError, match="W <= window=2, got shape \\(3, 3, 40\\)"):
+        adapter(hidden, context=torch.randn(3, 3, 40))
+    with pytest.raises(ValueError, match="leading dims \\(3,\\)"):
+        adapter(hidden, context=torch.randn(4, 2, 40))
+    with pytest.raises(ValueError, match="context must be \\[..., d_draft=40\\]"):
+        adapter(hidden, context=torch.randn(3, 2, 41))
+    with pytest.raises(ValueError, match="context_mask must be a bool tensor of shape \\(3, 2\\)"):
+        adapter(hidden, context=torch.randn(3, 2, 40), context_mask=torch.ones(3, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="context_mask was given without context"):
+        adapter(hidden, context_mask=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
+        make_config("attention", window=-1)
+
+
+# The issue's table: label -> parameters (millions) at d = 4096; sizes within 5 %.
+RESEARCH_TABLE = {"L1": 2.1, "L2": 6.3, "L3": 16.0, "L4": 101.0, "L5": 103.0, "B1": 103.0, "L5F": 170.0}
+
+
+@pytest.mark.parametrize("label", sorted(RESEARCH_TABLE))
+def test_research_adapter_sizes_at_4096(label):
+    with torch.device("meta"):  # no memory: only the shapes are built
+        adapter = build_adapter(research_adapter_config(label))
+    assert adapter.config.label == label and adapter.config.d_target == 4096
+    millions = num_parameters(adapter) / 1e6
+    assert abs(millions - RESEARCH_TABLE[label]) / RESEARCH_TABLE[label] < 0.05, millions
+    assert set(RESEARCH_TABLE) == set(RESEARCH_ADAPTERS)
+
+
+def test_research_config_other_shapes_and_errors():
+    config = research_adapter_config("L5F", d=64, vocab=50, num_heads=4)
+    assert (config.kind, config.d_draft, config.vocab_size, config.num_heads) == ("l5f", 64, 50, 4)
+    assert research_adapter_config("L2", d=16).num_layers == 3
+    with pytest.raises(ValueError, match="label must be one of"):
+        research_adapter_config("L6")
+
+
+@pytest.mark.parametrize(
+    "kwargs,label",
+    [
+        (dict(kind="bottleneck", rank=16), None),
+        (dict(kind="bottleneck", rank=16, label="L3"), "L3"),
+        (dict(kind="stacked_bottleneck"), "L2"),
+        (dict(kind="attention"), "L4"),
+        (dict(kind="eagle", vocab_size=5), "L5"),
+        (dict(kind="eagle", vocab_size=5, use_target_hidden=True), "L5F"),
+    ],
+)
+def test_labels_default_and_reach_the_json(tmp_path, kwargs, label):
+    adapter = build_adapter(AdapterConfig(d_draft=16, d_target=16, **kwargs))
+    assert adapter.config.label == label
+    adapter.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["label"] == label
+    assert load_adapter(tmp_path).config.label == label
+
+
+def test_bad_labels():
+    with pytest.raises(ValueError, match="label must be one of"):
+        AdapterConfig(kind="bottleneck", d_draft=8, d_target=8, label="L9")
+    with pytest.raises(ValueError, match="label 'L4' names kind 'attention', got kind 'bottleneck'"):
+        AdapterConfig(kind="bottleneck", d_draft=8, d_target=8, label="L4")
+    with pytest.raises(ValueError, match="num_layers must be a positive int"):
+        AdapterConfig(kind="stacked_bottleneck", d_draft=8, d_target=8, num_layers=0)

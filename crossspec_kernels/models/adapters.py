@@ -2,17 +2,30 @@
 
 The drafter and the target live in different hidden spaces; an adapter projects the drafter's final
 hidden state so that the *target's* LM head scores it, which puts drafts in the target vocabulary.
-Three families (the seeds' L1-L5):
+The kinds, with the research's labels (its offline table, Accept@0.90, in brackets):
 
-- ``LinearAdapter``: one ``Linear(d_draft, d_target)``.
-- ``BottleneckAdapter``: ``x -> up(GELU(down(LayerNorm(x)))) + residual(x)`` with width ``rank``; the
-  residual is ``x`` itself when ``d_draft == d_target`` and ``proj(x)`` (bias-free Linear) otherwise.
-  Its parts are attributes (``norm``, ``down``, ``up``, ``proj``) and ``fused_params()`` returns their
+- ``"linear"`` (``LinearAdapter``): one ``Linear(d_draft, d_target)``.
+- ``"bottleneck"`` (``BottleneckAdapter``, **L1** at rank 256 [21.9 %], **L3** "wide" at rank 2048
+  [24.9 %]): ``x -> up(GELU(down(LayerNorm(x)))) + residual(x)`` with width ``rank``; the residual
+  is ``x`` itself when ``d_draft == d_target`` and ``proj(x)`` (bias-free Linear) otherwise. Its
+  parts are attributes (``norm``, ``down``, ``up``, ``proj``) and ``fused_params()`` returns their
   tensors, so the fused ``lm_head_topk`` path can read them without knowing this module.
-- ``EagleAdapter``: one pre-norm transformer decoder layer (RMSNorm, causal self-attention with RoPE,
-  SwiGLU MLP) over ``Linear([drafter hidden ⊕ embed(previous token) (⊕ target hidden)]) -> d_target``,
-  followed by a final RMSNorm so its output goes straight into the target LM head (EAGLE, L5; L5F
-  when ``use_target_hidden``).
+- ``"stacked_bottleneck"`` (``StackedBottleneckAdapter``, **L2** [23.2 %]): ``num_layers``
+  bottlenecks in sequence. A chain of non-linear blocks is not one bottleneck, so it has no
+  ``fused_params()`` and runs unfused; its ``blocks`` are ``BottleneckAdapter`` modules.
+- ``"attention"`` (``AttentionAdapter``, **L4** [24.8 %]): a pre-norm transformer block in which the
+  current drafter state attends to itself and up to ``window`` previous drafter states.
+- ``"eagle"`` (``EagleAdapter``): one pre-norm transformer decoder layer (RMSNorm, causal
+  self-attention with RoPE, SwiGLU MLP) over ``Linear([drafter hidden ⊕ embed(previous token)
+  (⊕ target hidden)]) -> d_target``, followed by a final RMSNorm so its output goes straight into
+  the target LM head (a windowed L5; L5F when ``use_target_hidden``). It has no KV cache.
+- ``"b1"`` / ``"l5"`` / ``"l5f"`` (``FeatureHead`` in :mod:`crossspec_kernels.models.feature_head`,
+  **B1** [61.2 %], **L5** [11.2 %], **L5F** [66.2 %]): EAGLE-style draft heads fed by the target's
+  features, the event drafter's, or both; one Llama decoder layer over an HF KV cache.
+
+``AdapterConfig.label`` carries the research label into ``adapter_config.json``;
+``research_adapter_config(label)`` builds each with the dims that reproduce the research's parameter
+counts at its shape (d = 4096, vocabulary 32064; see ``RESEARCH_ADAPTERS``).
 
 Every adapter saves as ``adapter.safetensors`` + ``adapter_config.json`` in one directory
 (``save_pretrained``) and loads back with ``load_adapter`` / ``<Class>.from_pretrained``.
@@ -34,19 +47,40 @@ from torch import nn
 
 __all__ = [
     "ADAPTER_KINDS",
+    "ADAPTER_LABELS",
     "CONFIG_NAME",
+    "FEATURE_HEAD_KINDS",
+    "RESEARCH_ADAPTERS",
     "WEIGHTS_NAME",
     "Adapter",
     "AdapterConfig",
+    "AttentionAdapter",
     "BottleneckAdapter",
     "EagleAdapter",
     "LinearAdapter",
+    "StackedBottleneckAdapter",
     "build_adapter",
     "load_adapter",
+    "num_parameters",
+    "research_adapter_config",
     "save_pretrained",
 ]
 
-ADAPTER_KINDS = ("linear", "bottleneck", "eagle")
+FEATURE_HEAD_KINDS = ("b1", "l5", "l5f")
+ADAPTER_KINDS = ("linear", "bottleneck", "eagle", "stacked_bottleneck", "attention", *FEATURE_HEAD_KINDS)
+ADAPTER_LABELS = ("L1", "L2", "L3", "L4", "L5", "B1", "L5F")
+# The kinds each research label may name: L5/L5F were EAGLE layers on drafter (+ target) features,
+# which both the windowed EagleAdapter and the cached FeatureHead implement.
+_LABEL_KINDS = {
+    "L1": ("bottleneck",),
+    "L2": ("stacked_bottleneck",),
+    "L3": ("bottleneck",),
+    "L4": ("attention",),
+    "L5": ("l5", "eagle"),
+    "B1": ("b1",),
+    "L5F": ("l5f", "eagle"),
+}
+_DEFAULT_LABELS = {"stacked_bottleneck": "L2", "attention": "L4", "b1": "B1", "l5": "L5", "l5f": "L5F"}
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT_VERSION = 1
@@ -68,23 +102,33 @@ def _default_num_heads(d_target: int) -> int:
 class AdapterConfig:
     """Everything needed to rebuild an adapter; stored as ``adapter_config.json``.
 
-    ``None`` fields are resolved to concrete values at construction, so ``to_dict()`` of a built
-    config round-trips exactly.
+    ``None`` fields that a kind uses are resolved to concrete values at construction, so
+    ``to_dict()`` of a built config round-trips exactly.
 
     Args:
-        kind: "linear" | "bottleneck" | "eagle".
-        d_draft: drafter hidden size (input).
+        kind: one of ``ADAPTER_KINDS``.
+        d_draft: drafter hidden size (input). For ``"b1"`` (no drafter) it must equal d_target.
         d_target: target hidden size (output, the LM head's input).
-        rank: bottleneck width r.
-        vocab_size: eagle only: size of the previous-token embedding table (the target vocabulary).
-        num_heads: eagle only: attention heads; default picks head_dim 64 (or another divisor).
-        intermediate_size: eagle only: SwiGLU MLP width; default 2 * d_target.
+        rank: bottleneck width r (bottleneck, stacked_bottleneck).
+        vocab_size: eagle / feature heads: size of the token embedding (the target vocabulary).
+        num_heads: eagle / attention / feature heads: attention heads; default picks head_dim 64
+            (or another divisor of d_target).
+        intermediate_size: eagle / feature heads: SwiGLU width (default 2 * d_target); attention:
+            GELU MLP width (default d_target).
         embed_dim: eagle only: width of the previous-token embedding; default d_target (so the
             target's own input embedding can be copied in with ``EagleAdapter.load_embedding``).
         use_target_hidden: eagle only (L5F): also feed the target's last hidden state [..., d_target].
-        bias: whether the linear adapter and the bottleneck's down/up have biases.
-        norm_eps: epsilon of the bottleneck LayerNorm and the eagle RMSNorms.
-        rope_theta: eagle RoPE base.
+        bias: biases of the linear layers (linear, bottleneck, attention, the feature heads' fc).
+        norm_eps: epsilon of the LayerNorms / RMSNorms.
+        rope_theta: eagle / feature heads: RoPE base (feature heads: the target's).
+        num_kv_heads: feature heads: key/value heads (grouped-query attention); default num_heads.
+        num_layers: stacked_bottleneck: number of bottlenecks (default 3).
+        window: attention: previous drafter states the current one may attend to (default 8).
+        train_embedding: feature heads: train (and save) the token embedding. False (default): it is
+            a frozen copy of the target's input embedding, not saved; ``load_embedding`` sets it.
+        label: the research's label (``ADAPTER_LABELS``); defaults by kind where that is unambiguous
+            (L2, L4, B1, L5, L5F; eagle: L5, or L5F with use_target_hidden); a bottleneck is L1 or
+            L3 only when told.
     """
 
     kind: str
@@ -99,15 +143,18 @@ class AdapterConfig:
     bias: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    num_kv_heads: int | None = None
+    num_layers: int | None = None
+    window: int | None = None
+    train_embedding: bool = False
+    label: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
             raise ValueError(f"AdapterConfig: kind must be one of {ADAPTER_KINDS}, got {self.kind!r}")
         for name in ("d_draft", "d_target", "rank"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"AdapterConfig: {name} must be a positive int, got {value!r}")
-        for name in ("use_target_hidden", "bias"):
+            self._check_positive(name)
+        for name in ("use_target_hidden", "bias", "train_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AdapterConfig: {name} must be a bool, got {getattr(self, name)!r}")
         for name in ("norm_eps", "rope_theta"):
@@ -115,13 +162,48 @@ class AdapterConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"AdapterConfig: {name} must be a positive number, got {value!r}")
             setattr(self, name, float(value))
-        if self.kind != "eagle":
-            return
-        if not _is_int(self.vocab_size) or self.vocab_size <= 0:
-            raise ValueError(
-                f"AdapterConfig: kind='eagle' needs vocab_size (a positive int: the embedding of the "
-                f"previous token), got {self.vocab_size!r}"
+        self._resolve_label()
+        if self.kind == "eagle":
+            self._resolve_eagle()
+        elif self.kind == "stacked_bottleneck":
+            self.num_layers = 3 if self.num_layers is None else self.num_layers
+            self._check_positive("num_layers")
+        elif self.kind == "attention":
+            self._resolve_heads()
+            self.intermediate_size = (
+                self.d_target if self.intermediate_size is None else self.intermediate_size
             )
+            self._check_positive("intermediate_size")
+            self.window = 8 if self.window is None else self.window
+            if not _is_int(self.window) or self.window < 0:
+                raise ValueError(f"AdapterConfig: window must be an int >= 0, got {self.window!r}")
+        elif self.kind in FEATURE_HEAD_KINDS:
+            self._resolve_feature_head()
+
+    def _check_positive(self, name: str) -> None:
+        value = getattr(self, name)
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"AdapterConfig: {name} must be a positive int, got {value!r}")
+
+    def _resolve_label(self) -> None:
+        if self.label is None:
+            if self.kind == "eagle":
+                self.label = "L5F" if self.use_target_hidden else "L5"
+            else:
+                self.label = _DEFAULT_LABELS.get(self.kind)
+        if self.label is None:
+            return
+        if self.label not in ADAPTER_LABELS:
+            raise ValueError(
+                f"AdapterConfig: label must be one of {ADAPTER_LABELS} or None, got {self.label!r}"
+            )
+        if self.kind not in _LABEL_KINDS[self.label]:
+            raise ValueError(
+                f"AdapterConfig: label {self.label!r} names kind {' or '.join(map(repr, _LABEL_KINDS[self.label]))}, "
+                f"got kind {self.kind!r}"
+            )
+
+    def _resolve_heads(self) -> None:
         if self.num_heads is None:
             self.num_heads = _default_num_heads(self.d_target)
         if not _is_int(self.num_heads) or self.num_heads <= 0 or self.d_target % self.num_heads:
@@ -129,19 +211,60 @@ class AdapterConfig:
                 f"AdapterConfig: num_heads must be a positive int dividing d_target={self.d_target}, "
                 f"got {self.num_heads!r}"
             )
+
+    def _resolve_vocab(self) -> None:
+        if not _is_int(self.vocab_size) or self.vocab_size <= 0:
+            raise ValueError(
+                f"AdapterConfig: kind={self.kind!r} needs vocab_size (a positive int: the target "
+                f"vocabulary, for the token embedding), got {self.vocab_size!r}"
+            )
+
+    def _resolve_rope_heads(self) -> None:
+        self._resolve_heads()
         if (self.d_target // self.num_heads) % 2:
             raise ValueError(
-                f"AdapterConfig: eagle head_dim = d_target / num_heads must be even for RoPE, got "
+                f"AdapterConfig: head_dim = d_target / num_heads must be even for RoPE, got "
                 f"{self.d_target} / {self.num_heads} = {self.d_target // self.num_heads}"
             )
         if self.intermediate_size is None:
             self.intermediate_size = 2 * self.d_target
+        self._check_positive("intermediate_size")
+
+    def _resolve_eagle(self) -> None:
+        self._resolve_vocab()
+        self._resolve_rope_heads()
         if self.embed_dim is None:
             self.embed_dim = self.d_target
-        for name in ("intermediate_size", "embed_dim"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"AdapterConfig: {name} must be a positive int, got {value!r}")
+        self._check_positive("embed_dim")
+
+    def _resolve_feature_head(self) -> None:
+        self._resolve_vocab()
+        if self.kind == "b1" and self.d_draft != self.d_target:
+            raise ValueError(
+                f"AdapterConfig: kind='b1' reads the target's features only, so d_draft must equal "
+                f"d_target={self.d_target}, got d_draft={self.d_draft}"
+            )
+        self._resolve_rope_heads()
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        self._check_positive("num_kv_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"AdapterConfig: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
+            )
+
+    @property
+    def is_feature_head(self) -> bool:
+        return self.kind in FEATURE_HEAD_KINDS
+
+    @property
+    def d_features(self) -> int:
+        """Feature heads: width of ``features`` (b1: d_target, l5: d_draft, l5f: d_draft + d_target)."""
+        if self.kind not in FEATURE_HEAD_KINDS:
+            raise ValueError(
+                f"AdapterConfig.d_features: only feature heads {FEATURE_HEAD_KINDS} have it, got {self.kind!r}"
+            )
+        return {"b1": self.d_target, "l5": self.d_draft, "l5f": self.d_draft + self.d_target}[self.kind]
 
     @property
     def head_dim(self) -> int | None:
@@ -167,11 +290,69 @@ class AdapterConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# The research's adapters at its shape
+
+RESEARCH_ADAPTERS: dict[str, dict[str, Any]] = {
+    # 2 * 4096 * 256 + LayerNorm + biases = 2.11M
+    "L1": {"kind": "bottleneck", "rank": 256, "params": "2.1M"},
+    # three L1 blocks = 6.33M
+    "L2": {"kind": "stacked_bottleneck", "rank": 256, "num_layers": 3, "params": "6.3M"},
+    # 2 * 4096 * 2048 = 16.8M (the table says 16M)
+    "L3": {"kind": "bottleneck", "rank": 2048, "params": "16M"},
+    # q, k, v, o (4 d^2) + a 4096-wide GELU MLP (2 d^2) = 100.7M
+    "L4": {"kind": "attention", "num_heads": 32, "intermediate_size": 4096, "window": 8, "params": "101M"},
+    # fc (2d -> d) + attention (4 d^2) = 100.7M leaves 2.2M for the MLP: the research's head had a
+    # rank-256 bottleneck there; a SwiGLU of width 176 has the same size. = 102.9M
+    "L5": {"kind": "l5", "num_heads": 32, "intermediate_size": 176, "params": "103M"},
+    "B1": {"kind": "b1", "num_heads": 32, "intermediate_size": 176, "params": "103M"},
+    # fc (3d -> d) + attention + SwiGLU of width 4272 = 170.0M
+    "L5F": {"kind": "l5f", "num_heads": 32, "intermediate_size": 4272, "params": "170M"},
+}
+"""Per research label: the kind and widths that give the research table's parameter count
+(``params``) at d = 4096. Feature heads are counted without their token embedding (a frozen copy of
+the target's, never saved: ``num_parameters``)."""
+
+
+def research_adapter_config(label: str, d: int = 4096, vocab: int = 32064, **overrides: Any) -> AdapterConfig:
+    """The ``AdapterConfig`` of research adapter ``label`` ("L1".."L5", "B1", "L5F").
+
+    ``d`` is both the drafter's and the target's hidden size (the research's Vicuna-7B-sized
+    models: 4096), ``vocab`` the target vocabulary (32064, used by the feature heads). Other sizes
+    keep the preset's widths; ``overrides`` (e.g. ``num_heads=``, ``d_draft=``) win.
+    """
+    if label not in RESEARCH_ADAPTERS:
+        raise ValueError(
+            f"research_adapter_config: label must be one of {tuple(RESEARCH_ADAPTERS)}, got {label!r}"
+        )
+    settings = {k: v for k, v in RESEARCH_ADAPTERS[label].items() if k != "params"}
+    settings.update(label=label, d_draft=d, d_target=d)
+    if settings["kind"] in FEATURE_HEAD_KINDS:
+        settings["vocab_size"] = vocab
+    settings.update(overrides)
+    return AdapterConfig(**settings)
+
+
+def num_parameters(adapter: nn.Module, *, include_embedding: bool = False) -> int:
+    """Parameters of an adapter; a feature head's frozen copy of the target embedding (the keys in
+    ``state_keys_not_saved()``) is left out unless ``include_embedding``."""
+    skipped = set() if include_embedding else set(_keys_not_saved(adapter))
+    return sum(p.numel() for name, p in adapter.named_parameters() if name not in skipped)
+
+
+def _keys_not_saved(adapter: nn.Module) -> tuple[str, ...]:
+    keys = getattr(adapter, "state_keys_not_saved", None)
+    return tuple(keys()) if callable(keys) else ()
+
+
+# --------------------------------------------------------------------------------------------------
 # Save / load
 
 
 def save_pretrained(adapter: nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``adapter_config.json`` and ``adapter.safetensors`` into ``directory`` (created if needed)."""
+    """Write ``adapter_config.json`` and ``adapter.safetensors`` into ``directory`` (created if needed).
+
+    A feature head's frozen token embedding (a copy of the target's) is not written.
+    """
     from safetensors.torch import save_file
 
     config = getattr(adapter, "config", None)
@@ -181,7 +362,12 @@ def save_pretrained(adapter: nn.Module, directory: str | os.PathLike) -> None:
         )
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter.state_dict().items()}
+    skipped = set(_keys_not_saved(adapter))
+    tensors = {
+        name: t.detach().to("cpu").contiguous()
+        for name, t in adapter.state_dict().items()
+        if name not in skipped
+    }
     # Write to temporary names then rename, so an interrupted save never leaves a half-written
     # file under the real name.
     fd, tmp_weights = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
@@ -238,24 +424,28 @@ def load_adapter(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    expected_kind: str | None = None,
+    expected_kind: str | tuple[str, ...] | None = None,
 ) -> Adapter:
     """Load an adapter saved by ``save_pretrained``; the class is chosen by the config's ``kind``.
 
-    The weights keep their saved dtype unless ``dtype`` is given. Raises FileNotFoundError for a
-    missing file and ValueError (naming the file, key and shapes) for anything inconsistent.
+    The weights keep their saved dtype unless ``dtype`` is given. ``expected_kind`` (a kind or a
+    tuple of kinds) rejects other kinds. Raises FileNotFoundError for a missing file and ValueError
+    (naming the file, key and shapes) for anything inconsistent. A feature head comes back without
+    its token embedding (``embedding_loaded == False``): call ``head.load_embedding(
+    target.get_input_embeddings().weight)`` before running it.
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"load_adapter: {directory!r} is not a directory")
     config = _read_config(directory)
-    if expected_kind is not None and config.kind != expected_kind:
-        raise ValueError(
-            f"load_adapter: {directory!r} holds a {config.kind!r} adapter, expected {expected_kind!r}"
-        )
+    kinds = (expected_kind,) if isinstance(expected_kind, str) else expected_kind
+    if kinds is not None and config.kind not in kinds:
+        wanted = repr(kinds[0]) if len(kinds) == 1 else f"one of {kinds}"
+        raise ValueError(f"load_adapter: {directory!r} holds a {config.kind!r} adapter, expected {wanted}")
     tensors = _read_weights(directory)
     adapter = build_adapter(config)
-    expected = adapter.state_dict()
+    skipped = set(_keys_not_saved(adapter))
+    expected = {k: v for k, v in adapter.state_dict().items() if k not in skipped}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -275,7 +465,9 @@ def load_adapter(
         dtype = float_dtypes.pop()
     if dtype is not None:
         adapter.to(dtype=dtype)
-    adapter.load_state_dict(tensors, strict=True)
+    adapter.load_state_dict(tensors, strict=not skipped)
+    if skipped:
+        adapter.embedding_loaded = False
     if device is not None:
         adapter.to(device=device)
     return adapter
@@ -288,7 +480,7 @@ class Adapter(nn.Module):
     also checks that the directory holds that kind.
     """
 
-    kind: ClassVar[str | None] = None
+    kind: ClassVar[str | tuple[str, ...] | None] = None
 
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
@@ -296,8 +488,10 @@ class Adapter(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: config must be an AdapterConfig, got {type(config).__name__}"
             )
-        if self.kind is not None and config.kind != self.kind:
-            raise ValueError(f"{type(self).__name__}: config.kind must be {self.kind!r}, got {config.kind!r}")
+        kinds = (self.kind,) if isinstance(self.kind, str) else self.kind
+        if kinds is not None and config.kind not in kinds:
+            wanted = repr(kinds[0]) if len(kinds) == 1 else f"one of {kinds}"
+            raise ValueError(f"{type(self).__name__}: config.kind must be {wanted}, got {config.kind!r}")
         self.config = config
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -313,20 +507,21 @@ class Adapter(nn.Module):
     ) -> Adapter:
         return load_adapter(directory, device=device, dtype=dtype, expected_kind=cls.kind)
 
-    def _check_hidden(self, drafter_hidden: torch.Tensor) -> None:
-        name = type(self).__name__
+    def _check_hidden(self, drafter_hidden: torch.Tensor, name: str = "drafter_hidden") -> None:
+        owner = type(self).__name__
         if not isinstance(drafter_hidden, torch.Tensor):
-            raise ValueError(f"{name}: drafter_hidden must be a tensor, got {type(drafter_hidden).__name__}")
+            raise ValueError(f"{owner}: {name} must be a tensor, got {type(drafter_hidden).__name__}")
         if drafter_hidden.dim() < 1 or drafter_hidden.shape[-1] != self.config.d_draft:
             raise ValueError(
-                f"{name}: drafter_hidden must be [..., d_draft={self.config.d_draft}], "
+                f"{owner}: {name} must be [..., d_draft={self.config.d_draft}], "
                 f"got shape {tuple(drafter_hidden.shape)}"
             )
         if not drafter_hidden.is_floating_point():
-            raise ValueError(f"{name}: drafter_hidden must be floating point, got {drafter_hidden.dtype}")
+            raise ValueError(f"{owner}: {name} must be floating point, got {drafter_hidden.dtype}")
 
     def extra_repr(self) -> str:
-        return f"d_draft={self.config.d_draft}, d_target={self.config.d_target}"
+        label = f", label={self.config.label}" if self.config.label else ""
+        return f"d_draft={self.config.d_draft}, d_target={self.config.d_target}{label}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,7 +529,7 @@ class Adapter(nn.Module):
 
 
 class LinearAdapter(Adapter):
-    """``Linear(d_draft, d_target)`` (L1). ``prev_tokens``/``target_hidden`` are accepted and ignored."""
+    """``Linear(d_draft, d_target)``. ``prev_tokens``/``target_hidden`` are accepted and ignored."""
 
     kind = "linear"
 
@@ -355,7 +550,7 @@ class LinearAdapter(Adapter):
 
 
 class BottleneckAdapter(Adapter):
-    """``up(GELU(down(LayerNorm(x)))) + (x if d_draft == d_target else proj(x))`` (L2-L3).
+    """``up(GELU(down(LayerNorm(x)))) + (x if d_draft == d_target else proj(x))`` (L1, L3).
 
     GELU is the exact (erf) form. ``proj`` is ``None`` when d_draft == d_target. A fused kernel reads
     ``fused_params()`` and ``norm.eps``.
@@ -406,6 +601,140 @@ class BottleneckAdapter(Adapter):
         self._check_hidden(drafter_hidden)
         residual = drafter_hidden if self.proj is None else self.proj(drafter_hidden)
         return self.up(F.gelu(self.down(self.norm(drafter_hidden)))) + residual
+
+
+class StackedBottleneckAdapter(Adapter):
+    """``num_layers`` bottlenecks in sequence (L2): d_draft -> d_target, then d_target -> d_target.
+
+    No ``fused_params()``: the stack is not one bottleneck, so it runs unfused; ``blocks[i]`` are
+    ``BottleneckAdapter`` modules (each with ``fused_params()``) for an op that chains them.
+    """
+
+    kind = "stacked_bottleneck"
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__(config)
+        sizes = [config.d_draft] + [config.d_target] * config.num_layers
+        self.blocks = nn.ModuleList(
+            BottleneckAdapter(
+                AdapterConfig(
+                    kind="bottleneck",
+                    d_draft=d_in,
+                    d_target=d_out,
+                    rank=config.rank,
+                    bias=config.bias,
+                    norm_eps=config.norm_eps,
+                )
+            )
+            for d_in, d_out in zip(sizes[:-1], sizes[1:])
+        )
+
+    def forward(
+        self,
+        drafter_hidden: torch.Tensor,
+        *,
+        prev_tokens: torch.Tensor | None = None,
+        target_hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[..., d_draft] -> [..., d_target]."""
+        self._check_hidden(drafter_hidden)
+        hidden = drafter_hidden
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+class AttentionAdapter(Adapter):
+    """A pre-norm transformer block in which the current drafter state attends to a window (L4).
+
+    The current state ``drafter_hidden`` [..., d_draft] attends to itself and to ``context``
+    [..., W, d_draft] (W <= window: the drafter's previous final-norm states of the same sequence,
+    oldest first); ``context_mask`` [..., W] bool marks the present ones (False = absent, e.g. at
+    the start of a sequence). Without ``context`` the window is the current state alone, so the
+    adapter is a plain ``[..., d_draft] -> [..., d_target]`` map, which is how an engine that only
+    keeps the current position runs it. Each input is projected to d_target (``in_proj``, when
+    d_draft != d_target) and gets a learned embedding of its distance to the current state::
+
+        x = in(h) + dist[0];  c_j = in(context_j) + dist[W - j]
+        y = x + o(MHA(query LN1(x), keys/values LN1([c ; x])))
+        out = y + fc2(GELU(fc1(LN2(y))))                                   [..., d_target]
+    """
+
+    kind = "attention"
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__(config)
+        d = config.d_target
+        self.in_proj = None if config.d_draft == d else nn.Linear(config.d_draft, d, bias=config.bias)
+        # Zero init: before training, every window position looks the same to the attention.
+        self.distance_embed = nn.Parameter(torch.zeros(config.window + 1, d))
+        self.attn_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=config.bias)
+        self.k_proj = nn.Linear(d, d, bias=config.bias)
+        self.v_proj = nn.Linear(d, d, bias=config.bias)
+        self.o_proj = nn.Linear(d, d, bias=config.bias)
+        self.mlp_norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.fc1 = nn.Linear(d, config.intermediate_size, bias=config.bias)
+        self.fc2 = nn.Linear(config.intermediate_size, d, bias=config.bias)
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.in_proj is None else self.in_proj(hidden)
+
+    def _keys(
+        self, x: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keys/values input [..., S, d] (context then the current state) and visibility [..., S]."""
+        lead = tuple(x.shape[:-1])
+        if context is None:
+            if context_mask is not None:
+                raise ValueError("AttentionAdapter: context_mask was given without context")
+            return x[..., None, :], None
+        self._check_hidden(context, "context")
+        width = context.shape[-2] if context.dim() >= 2 else -1
+        if tuple(context.shape[:-2]) != lead or not 0 <= width <= self.config.window:
+            raise ValueError(
+                f"AttentionAdapter: context must be [..., W, d_draft] with leading dims {lead} and "
+                f"W <= window={self.config.window}, got shape {tuple(context.shape)}"
+            )
+        distance = self.distance_embed[1 : width + 1].flip(0).to(context.dtype)  # oldest first
+        keys = torch.cat([self._project(context) + distance, x[..., None, :]], dim=-2)
+        if context_mask is None:
+            return keys, None
+        if not isinstance(context_mask, torch.Tensor) or tuple(context_mask.shape) != lead + (width,):
+            raise ValueError(
+                f"AttentionAdapter: context_mask must be a bool tensor of shape {lead + (width,)}, "
+                f"got {tuple(getattr(context_mask, 'shape', ()))}"
+            )
+        current = torch.ones(lead + (1,), dtype=torch.bool, device=context_mask.device)
+        return keys, torch.cat([context_mask.to(torch.bool), current], dim=-1)
+
+    def forward(
+        self,
+        drafter_hidden: torch.Tensor,
+        *,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        prev_tokens: torch.Tensor | None = None,
+        target_hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[..., d_draft] (+ context [..., W, d_draft], context_mask [..., W]) -> [..., d_target]."""
+        self._check_hidden(drafter_hidden)
+        cfg = self.config
+        lead = tuple(drafter_hidden.shape[:-1])
+        x = self._project(drafter_hidden) + self.distance_embed[0].to(drafter_hidden.dtype)
+        keys, visible = self._keys(x, context, context_mask)
+        heads, head_dim = cfg.num_heads, cfg.d_target // cfg.num_heads
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:  # [..., S, d] -> [N, heads, S, head_dim]
+            return t.reshape(-1, t.shape[-2], heads, head_dim).transpose(1, 2)
+
+        normed = self.attn_norm(keys)  # the current state is the last key and the only query
+        q = split_heads(self.q_proj(normed[..., -1:, :]))
+        k, v = split_heads(self.k_proj(normed)), split_heads(self.v_proj(normed))
+        mask = None if visible is None else visible.reshape(-1, 1, 1, visible.shape[-1])
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(head_dim))
+        y = x + self.o_proj(attn.transpose(1, 2).reshape(lead + (cfg.d_target,)))
+        return y + self.fc2(F.gelu(self.fc1(self.mlp_norm(y))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -574,6 +903,8 @@ _ADAPTER_CLASSES: dict[str, type[Adapter]] = {
     "linear": LinearAdapter,
     "bottleneck": BottleneckAdapter,
     "eagle": EagleAdapter,
+    "stacked_bottleneck": StackedBottleneckAdapter,
+    "attention": AttentionAdapter,
 }
 
 
@@ -585,4 +916,9 @@ def build_adapter(config: AdapterConfig | dict[str, Any]) -> Adapter:
         raise ValueError(
             f"build_adapter: config must be an AdapterConfig or dict, got {type(config).__name__}"
         )
+    if config.kind in FEATURE_HEAD_KINDS:
+        # Imported here: feature_head imports this module (and transformers), adapters stay light.
+        from crossspec_kernels.models.feature_head import FeatureHead
+
+        return FeatureHead(config)
     return _ADAPTER_CLASSES[config.kind](config)
