@@ -231,8 +231,9 @@ __global__ void __launch_bounds__(kThreads) verify_nodes_kernel(VerifyParams par
   int64_t child = -1;
   int64_t emitted = -1;
   const int64_t own_token = slot > 0 ? n.draft_tokens[slot - 1] : 0;
-  const bool sampled = n.temperature > 0.f && n.temperature < INFINITY;  // else greedy (0, NaN, inf)
-  if (own_token >= 0 && own_token < params.vocab) {  // absent nodes decide nothing
+  const bool sampled =
+      n.temperature > 0.f && n.temperature < INFINITY;  // else greedy (0, NaN, inf)
+  if (own_token >= 0 && own_token < params.vocab) {     // absent nodes decide nothing
     if (sampled) {
       const float z_max = scaled_max(n);
       if constexpr (kHasProbs) {
