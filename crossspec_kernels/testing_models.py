@@ -54,6 +54,17 @@ def tiny_llama(seed: int = 0, attn_implementation: str = "eager", **config_overr
     return model
 
 
+def learnable_llama(seed: int = 0):
+    """A tiny Llama (vocabulary 64, hidden 32) with sharpened logits and no end of sequence: its
+    greedy continuations are varied yet regular enough that a small draft head learns them in
+    seconds, and every continuation runs its full length."""
+    model = tiny_llama(seed, head_dim=8, vocab_size=64, eos_token_id=None, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    return model
+
+
 def tiny_video_llava_config(head_dim: int = 16, **text_overrides):
     from transformers import CLIPVisionConfig, VideoLlavaConfig
 

@@ -84,6 +84,87 @@ TRAIN_TOPICS = (
     "hurricanes",
     "penguins",
     "the Olympic Games",
+    # More topics widen the corpus (the first 40 were the original bed's).
+    "volcanic islands",
+    "the Renaissance",
+    "quantum computers",
+    "cheese making",
+    "the nervous system",
+    "hydroelectric dams",
+    "butterflies",
+    "the housing market",
+    "poker strategy",
+    "auroras",
+    "the Ottoman Empire",
+    "erosion",
+    "chocolate",
+    "composting",
+    "the human brain",
+    "batteries",
+    "blues music",
+    "tsunamis",
+    "social media",
+    "antibiotics",
+    "Mars",
+    "beekeeping",
+    "inflation",
+    "rivers",
+    "the telescope",
+    "dreams",
+    "dolphins",
+    "skateboards",
+    "elections",
+    "yoga",
+    "ocean tides",
+    "the pyramids of Giza",
+    "knitting",
+    "proteins",
+    "tornadoes",
+    "polar bears",
+    "the World Cup",
+    "nuclear power",
+    "the Silk Road",
+    "spiders",
+    "airplanes",
+    "bridges",
+    "the periodic table",
+    "rain forests",
+    "cooking pasta",
+    "video games",
+    "the Vikings",
+    "photography",
+    "meditation",
+    "the Sun",
+    "weather forecasting",
+    "kangaroos",
+    "the Industrial Revolution",
+    "3D printing",
+    "sharks",
+    "the piano",
+    "cryptocurrency",
+    "deserts",
+    "the telephone",
+    "probability",
+    "fermentation",
+    "wolves",
+    "the Amazon River",
+    "robots",
+    "calligraphy",
+    "the Milky Way",
+    "running a marathon",
+    "insulin",
+    "castles",
+    "rice farming",
+    "magnets",
+    "the ozone layer",
+    "elephants",
+    "painting with watercolors",
+    "the Cold War",
+    "microscopes",
+    "snow",
+    "electric guitars",
+    "tomatoes",
+    "the Pacific Ocean",
 )
 HELD_OUT_TOPICS = (
     "lighthouses",
@@ -116,7 +197,7 @@ def encode_chat(tokenizer, prompt: str) -> list[int]:
 
 
 def generate_corpus(model, tokenizer, prompts, *, max_new_tokens: int, batch_size: int, desc: str):
-    """[{"prompt_len", "tokens"}]: each prompt followed by the model's greedy continuation (EOS kept)."""
+    """[{"prompt", "prompt_len", "tokens"}]: each prompt followed by the model's greedy continuation (EOS kept)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -136,37 +217,40 @@ def generate_corpus(model, tokenizer, prompts, *, max_new_tokens: int, batch_siz
                 do_sample=False,
                 pad_token_id=eos,
             )
-        for row, prompt_ids in zip(out[:, width:].tolist(), encoded):
+        for row, prompt_ids, prompt in zip(
+            out[:, width:].tolist(), encoded, prompts[start : start + batch_size]
+        ):
             new = row[: row.index(eos) + 1] if eos in row else row
-            records.append({"prompt_len": len(prompt_ids), "tokens": prompt_ids + new})
+            records.append({"prompt": prompt, "prompt_len": len(prompt_ids), "tokens": prompt_ids + new})
     return records
 
 
 def stage_corpus(args, model, tokenizer) -> dict:
+    """Greedy generations of every train and held-out prompt, saved after each batch (resumable:
+    prompts already in WORK_DIR/corpus.json are not generated again)."""
     path = args.work_dir / "corpus.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    train = build_prompts(TRAIN_TEMPLATES, TRAIN_TOPICS, seed=0)[: args.train_prompts]
-    held_out = build_prompts(HELD_OUT_TEMPLATES, HELD_OUT_TOPICS, seed=1)[: args.eval_prompts]
-    corpus = {
-        "train": generate_corpus(
-            model,
-            tokenizer,
-            train,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.gen_batch,
-            desc="corpus (train)",
-        ),
-        "held_out": generate_corpus(
-            model,
-            tokenizer,
-            held_out,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.gen_batch,
-            desc="corpus (held out)",
-        ),
+    corpus = json.loads(path.read_text()) if path.is_file() else {"train": [], "held_out": []}
+    splits = {
+        "train": build_prompts(TRAIN_TEMPLATES, TRAIN_TOPICS, seed=0)[: args.train_prompts],
+        "held_out": build_prompts(HELD_OUT_TEMPLATES, HELD_OUT_TOPICS, seed=1)[: args.eval_prompts],
     }
-    path.write_text(json.dumps(corpus))
+    for split, prompts in splits.items():
+        done = {record["prompt"] for record in corpus[split]}
+        missing = [prompt for prompt in prompts if prompt not in done]
+        for start in range(0, len(missing), args.gen_batch):
+            corpus[split] += generate_corpus(
+                model,
+                tokenizer,
+                missing[start : start + args.gen_batch],
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.gen_batch,
+                desc=f"corpus ({split}) {start + args.gen_batch}/{len(missing)}",
+            )
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(corpus))
+            os.replace(tmp, path)
+        wanted = set(prompts)
+        corpus[split] = [record for record in corpus[split] if record["prompt"] in wanted]
     return corpus
 
 
@@ -210,6 +294,110 @@ def stage_eval(args, model, head, corpus) -> dict:
     return report.to_dict()
 
 
+def _timed(fn, *args, **kwargs):
+    began = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - began
+
+
+def draft_vocab(args, corpus):
+    """The --draft-vocab most frequent token ids of the training corpus (None: the full vocabulary)."""
+    import torch
+
+    from crossspec_kernels.adapter_tools.feature_train import frequent_tokens
+
+    if not args.draft_vocab:
+        return None
+    return frequent_tokens([torch.tensor(r["tokens"]) for r in corpus["train"]], args.draft_vocab)
+
+
+def stage_engine(args, head, corpus, tokenizer) -> dict:
+    """The engine with the head on held-out prompts (batch 1) against ``generate`` on a second copy
+    of the model (the engine switches its target's attention), same prompts, same run."""
+    import torch
+
+    from crossspec_kernels.models.smollm2 import load_smollm2
+    from crossspec_kernels.runtime import ChainDraft, CrossSpecEngine, TreeDraft
+
+    baseline, _ = load_smollm2(args.model_dir)
+    target, _ = load_smollm2(args.model_dir)
+    eos = tokenizer.eos_token_id
+    records = corpus["held_out"][: args.engine_prompts]
+    drafts = {"chain": ChainDraft(args.gamma), "tree": TreeDraft(*args.tree)}
+    vocab = draft_vocab(args, corpus)
+    engines = {
+        name: CrossSpecEngine(target, None, draft=d, feature_head=head, draft_vocab=vocab)
+        for name, d in drafts.items()
+    }
+
+    def prompt_of(record):
+        return torch.tensor([record["tokens"][: record["prompt_len"]]])
+
+    def plain(ids):
+        return baseline.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.engine_tokens,
+            do_sample=False,
+            pad_token_id=eos,
+        )[:, ids.shape[1] :]
+
+    def spec(name, ids, **kwargs):
+        return engines[name].generate(dict(input_ids=ids), None, max_new_tokens=args.engine_tokens, **kwargs)
+
+    warm = prompt_of(records[0])  # first calls pay one-off costs (allocation, lazy init)
+    plain(warm), spec("chain", warm), spec("tree", warm)
+    totals = {key: {"seconds": 0.0, "tokens": 0} for key in ("generate", "chain", "tree")}
+    curves = {name: [] for name in drafts}
+    agg = {name: {"drafted": 0, "accepted": 0, "row_rounds": 0} for name in (*drafts, "chain_T0.7")}
+    identical = True
+    for record in records:
+        ids = prompt_of(record)
+        want, seconds = _timed(plain, ids)
+        totals["generate"]["seconds"] += seconds
+        totals["generate"]["tokens"] += want.shape[1]
+        for name in drafts:
+            out, seconds = _timed(spec, name, ids)
+            identical &= torch.equal(out.sequences, want)
+            totals[name]["seconds"] += seconds
+            totals[name]["tokens"] += out.sequences.shape[1]
+            curves[name].append(out.stats["per_position_acceptance"])
+            for key in agg[name]:
+                agg[name][key] += out.stats["drafters"]["feature"][key]
+        sampled = spec("chain", ids, temperature=0.7, seed=0).stats["drafters"]["feature"]
+        for key in agg["chain_T0.7"]:
+            agg["chain_T0.7"][key] += sampled[key]
+
+    def summary(name):
+        counts = agg[name]
+        return {
+            "acceptance_rate": counts["accepted"] / max(counts["drafted"], 1),
+            "mean_accepted_length": counts["accepted"] / max(counts["row_rounds"], 1),
+            **counts,
+        }
+
+    speed = {key: value["tokens"] / value["seconds"] for key, value in totals.items()}
+    return {
+        "prompts": len(records),
+        "max_new_tokens": args.engine_tokens,
+        "draft_vocab": None if vocab is None else len(vocab),
+        "chain": {
+            "draft": str(drafts["chain"]),
+            **summary("chain"),
+            "speedup": speed["chain"] / speed["generate"],
+        },
+        "tree": {
+            "draft": str(drafts["tree"]),
+            **summary("tree"),
+            "speedup": speed["tree"] / speed["generate"],
+        },
+        "chain_sampled_T0.7": summary("chain_T0.7"),
+        "tokens_per_s": speed,
+        "outputs_identical_to_generate": bool(identical),
+        "per_position_acceptance_chain_first_prompt": curves["chain"][0] if curves["chain"] else [],
+    }
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -221,7 +409,7 @@ def parse_args(argv=None):
         "--stage", choices=("corpus", "all"), help="corpus: stop after building the corpus", default="all"
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--train-prompts", type=int, default=320)
+    parser.add_argument("--train-prompts", type=int, default=960)
     parser.add_argument("--eval-prompts", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--gen-batch", type=int, default=16)
@@ -230,7 +418,29 @@ def parse_args(argv=None):
         "--steps", type=int, default=4000, help="optimizer steps (the time budget may stop it first)"
     )
     parser.add_argument("--rollout-steps", type=int, default=3)
-    parser.add_argument("--gamma", type=int, default=4, help="chain length scored offline")
+    parser.add_argument("--gamma", type=int, default=4, help="chain length (offline and engine)")
+    parser.add_argument(
+        "--tree",
+        type=int,
+        nargs=3,
+        default=(2, 4, 8),
+        metavar=("TOP_K", "DEPTH", "MAX_NODES"),
+        help="the engine's TreeDraft",
+    )
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=8192,
+        help="the engine's head proposes only the N most frequent training tokens (0: all)",
+    )
+    parser.add_argument("--engine-prompts", type=int, default=12, help="held-out prompts run in the engine")
+    parser.add_argument("--engine-tokens", type=int, default=128, help="max_new_tokens in the engine stage")
+    parser.add_argument(
+        "--head",
+        type=Path,
+        default=None,
+        help="evaluate this saved head (e.g. bench/artifacts/smollm2-b1) instead of training one",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads < 1:
@@ -259,9 +469,15 @@ def main(argv=None) -> int:
     import transformers
 
     began = time.monotonic()
-    head, history = stage_train(args, model, corpus)
+    if args.head is None:
+        head, history = stage_train(args, model, corpus)
+        head.save_pretrained(args.work_dir / "head")
+    else:
+        from crossspec_kernels.models.adapters import load_adapter
+
+        head, history = load_adapter(args.head, expected_kind="b1", dtype=torch.float32), []
+    head.load_embedding(model.get_input_embeddings().weight)
     train_s = time.monotonic() - began
-    head.save_pretrained(args.work_dir / "head")
     report = {
         "device": platform.processor() or platform.machine(),
         "threads": args.threads,
@@ -273,6 +489,13 @@ def main(argv=None) -> int:
         "train_seconds_this_run": round(train_s, 1),
         "final_loss": history[-1]["loss"] if history else None,
         "offline_greedy": stage_eval(args, model, head, corpus),
+        "engine": stage_engine(args, head, corpus, tokenizer),
+    }
+    offline, engine = report["offline_greedy"], report["engine"]["chain"]
+    report["offline_vs_engine_acceptance"] = {
+        "offline": offline["acceptance_rate"],
+        "engine": engine["acceptance_rate"],
+        "difference": engine["acceptance_rate"] - offline["acceptance_rate"],
     }
     out = args.out or args.work_dir / "report.json"
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -312,6 +312,29 @@ class FeatureHead(Adapter):
         """
         past_len = 0 if past_key_values is None else int(past_key_values.get_seq_length(0))
         self._check_inputs(features, tokens, position_ids, attention_mask, past_len)
+        batch, width = tokens.shape
+        mask = self._attention_mask(
+            attention_mask, batch, width, past_len, self.fc.weight.dtype, tokens.device
+        )
+        return self.run(features, tokens, position_ids, past_key_values, mask, **attention_kwargs)
+
+    def run(
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values=None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cache_position: torch.Tensor | None = None,
+        **attention_kwargs: Any,
+    ) -> torch.Tensor:
+        """``forward`` without checks or mask building, for callers that did both (the engine).
+
+        ``attention_mask`` goes to the attention function as is (the engine passes None with an
+        attention plan in ``attention_kwargs``); ``cache_position`` [T] (transformers 4.57 only)
+        defaults to the positions after the cache's length.
+        """
         dtype = self.fc.weight.dtype
         embeds = self.embed_tokens(tokens).to(dtype)
         hidden = self.fc(torch.cat([features.to(dtype), embeds], dim=-1))
@@ -319,10 +342,13 @@ class FeatureHead(Adapter):
         position_ids = position_ids.expand(batch, -1)
         extra = {}
         if _layer_takes_cache_position():
-            extra["cache_position"] = torch.arange(past_len, past_len + width, device=hidden.device)
+            if cache_position is None:
+                past_len = 0 if past_key_values is None else int(past_key_values.get_seq_length(0))
+                cache_position = torch.arange(past_len, past_len + width, device=hidden.device)
+            extra["cache_position"] = cache_position
         hidden = self.layer(
             hidden,
-            attention_mask=self._attention_mask(attention_mask, batch, width, past_len, dtype, hidden.device),
+            attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=past_key_values is not None,

@@ -71,12 +71,18 @@ def pad_id(target, eos: torch.Tensor, pad, vocab: int) -> int:
     return int(eos[0]) if eos.numel() else 0
 
 
-def check_inputs(engine, target_inputs, drafter_inputs) -> tuple[dict, dict]:
+def check_inputs(engine, target_inputs, drafter_inputs) -> tuple[dict, dict | None]:
+    """Checked copies of both input dicts; an engine without an event drafter takes drafter_inputs=None."""
+    pairs = [("target_inputs", target_inputs, engine.target)]
+    if engine.drafter is None:
+        if drafter_inputs is not None:
+            raise ValueError(
+                f"{_OP}.generate: this engine has no event drafter (drafter=None); pass drafter_inputs=None"
+            )
+    else:
+        pairs.append(("drafter_inputs", drafter_inputs, engine.drafter))
     checked = []
-    for name, inputs, model in (
-        ("target_inputs", target_inputs, engine.target),
-        ("drafter_inputs", drafter_inputs, engine.drafter),
-    ):
+    for name, inputs, model in pairs:
         if not isinstance(inputs, Mapping):
             raise ValueError(
                 f"{_OP}.generate: {name} must be a dict of model inputs, got {type(inputs).__name__}"
@@ -135,6 +141,8 @@ def check_inputs(engine, target_inputs, drafter_inputs) -> tuple[dict, dict]:
                 )
             inputs.pop(reserved, None)
         checked.append(inputs)
+    if len(checked) == 1:
+        return checked[0], None
     target_batch, drafter_batch = checked[0]["input_ids"].shape[0], checked[1]["input_ids"].shape[0]
     if target_batch != drafter_batch:
         raise ValueError(

@@ -19,14 +19,27 @@ def _check_int(owner: str, name: str, value, low: int, high: int) -> None:
         raise ValueError(f"{owner}: {name} must be an int in [{low}, {high}], got {value!r}")
 
 
+def _check_confidence(owner: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}: min_confidence must be a float in [0, 1), got {value!r}")
+
+
 @dataclass(frozen=True)
 class ChainDraft:
-    """Draft ``gamma`` tokens one after the other (greedy, or sampled from the drafter at T > 0)."""
+    """Draft ``gamma`` tokens one after the other (greedy, or sampled from the drafter at T > 0).
+
+    ``min_confidence`` > 0 makes the length adaptive: the chain stops early once every row's
+    cumulative draft probability (the product of its drafts' probabilities under the drafter)
+    is below it, so a round verifies fewer tokens where the drafter is unsure. Costs one host
+    read per draft step (nothing when 0, the default).
+    """
 
     gamma: int = 5
+    min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("ChainDraft", "gamma", self.gamma, 1, MAX_DRAFT_NODES)
+        _check_confidence("ChainDraft", self.min_confidence)
 
 
 @dataclass(frozen=True)
@@ -38,17 +51,20 @@ class TreeDraft:
     scored in one drafter forward with tree attention) into ``top_k`` children each, up to
     ``depth`` levels. The ``max_nodes`` candidates with the highest cumulative log-probability
     form the tree the target verifies (an ancestor never scores below its descendants, so the
-    selection is a tree).
+    selection is a tree). ``min_confidence`` > 0 prunes it: no row keeps more nodes than its
+    count of candidates whose cumulative probability reaches it (at least one; one host read).
     """
 
     top_k: int = 4
     depth: int = 5
     max_nodes: int = 32
+    min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("TreeDraft", "top_k", self.top_k, 1, MAX_TOP_K)
         _check_int("TreeDraft", "depth", self.depth, 1, 32)
         _check_int("TreeDraft", "max_nodes", self.max_nodes, 1, MAX_DRAFT_NODES)
+        _check_confidence("TreeDraft", self.min_confidence)
         candidates = self.top_k + (self.depth - 1) * self.top_k**2
         if candidates > MAX_TREE_CANDIDATES:
             raise ValueError(

@@ -20,6 +20,7 @@ host-side counts.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -59,9 +60,14 @@ class Pending(NamedTuple):
     tokens: torch.Tensor  # [B, P]
     counts: torch.Tensor  # [B] device, 0 for rows that finished
     host_counts: list[int]
+    features: torch.Tensor | None = None  # [B, P, d]: a feature head's input next to each token
 
 
 class DraftModel:
+    """The event drafter (any HF model behind an adapter) drafting in the target's vocabulary."""
+
+    reads_sources = False  # a feature head's trees read the hidden state that scored each node
+
     def __init__(
         self,
         runner: ModelRunner,
@@ -115,27 +121,28 @@ class DraftModel:
     def _to_drafter_ids(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.where((tokens >= 0) & (tokens < self.drafter_vocab), tokens, self.unknown_token_id)
 
+    def _read(self, tokens, depth, tree_mask, sources) -> torch.Tensor:
+        """One block forward over target-vocabulary ``tokens`` [B, W]: hidden states [B, W, d].
+
+        ``sources`` [B, W, d]: the hidden state that scored each token (a feature head reads it
+        next to the token; the drafter ignores it).
+        """
+        return self.runner.forward(self._to_drafter_ids(tokens), depth, tree_mask)
+
     # ------------------------------------------------------------------------------------------
     def prefill(self, inputs: dict) -> torch.Tensor:
         """The drafter's prompt; returns the final hidden state at its last position [B, d]."""
         with self.timer.stage("draft.prefill"):
             return self.runner.prefill(inputs)[:, -1]
 
-    def pending(
-        self,
-        tokens: torch.Tensor,
-        num_accepted: torch.Tensor,
-        accepted: list[int],
-        active: torch.Tensor,
-        active_host: list[bool],
-        fed: int,
-    ) -> Pending:
-        """What the drafter must read after a round that committed row b's ``tokens[b, :accepted[b] + 1]``
-        (``accepted``: the host copy of ``num_accepted``; ``active`` [B]: rows still generating).
+    def pending(self, verdict, active: torch.Tensor, active_host: list[bool], fed: int) -> Pending:
+        """What the drafter must read after a round (``verdict``: ``round.Verdict``) that committed
+        row b's ``verdict.tokens[b, :accepted[b] + 1]`` (``active`` [B]: rows still generating).
 
         A chain's first ``fed`` drafts are in the cache already; the accepted ones stay (the
         cache rolls back to them), so reading resumes after them.
         """
+        tokens, num_accepted, accepted = verdict.tokens, verdict.num_accepted, verdict.accepted
         keep_host = [min(count, fed) for count in accepted]
         keep = num_accepted.clamp(max=fed)
         if fed:
@@ -153,10 +160,10 @@ class DraftModel:
 
     def catch_up(self, pending: Pending) -> torch.Tensor:
         """Read committed tokens; the hidden state at each row's last one [B, d]."""
-        tokens, counts, host_counts = pending
+        tokens, counts, host_counts = pending[:3]
         depth = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         with self.timer.stage("draft.step"):
-            hidden = self.runner.forward(self._to_drafter_ids(tokens), depth)
+            hidden = self._read(tokens, depth, None, pending.features)
             self.cache.advance(counts, host_counts)
             last = (counts - 1).clamp_min(0)
             return hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[2]))[:, 0]
@@ -181,9 +188,11 @@ class DraftModel:
             torch.zeros(batch, 1, dtype=torch.int64, device=device),
         )
         tokens, rows, timestamps = [], [], []
+        adaptive = config.min_confidence > 0
+        confidence = torch.zeros(batch, device=device)  # cumulative draft log-probability
         for step in range(config.gamma):
             with self.timer.stage("draft.step"):
-                _, ids, probs = self.score(hidden, 1, temperature if sampled else 1.0, probs=sampled)
+                logprobs, ids, probs = self.score(hidden, 1, temperature if sampled else 1.0, probs=sampled)
                 if sampled:  # exponential race: argmax p(x) / E(x), E ~ Exp(1), drawn on the device
                     noise = torch.empty_like(probs).exponential_(generator=generator)
                     token = (probs / noise).argmax(-1)
@@ -196,7 +205,12 @@ class DraftModel:
                 timestamps.append(self.timer.mark())
                 if step + 1 == config.gamma or (should_stop is not None and should_stop(timestamps)):
                     break
-                hidden = self.runner.forward(self._to_drafter_ids(token[:, None]), zero)[:, 0]
+                if adaptive:
+                    chosen = probs.gather(1, token[:, None])[:, 0].log() if sampled else logprobs[:, 0]
+                    confidence = confidence + chosen
+                    if not bool((confidence >= math.log(config.min_confidence)).any()):  # host read
+                        break
+                hidden = self._read(token[:, None], zero, None, hidden[:, None])[:, 0]
                 self.cache.advance(ones, [1] * batch)
         count = len(tokens)
         draft_probs = None
@@ -216,6 +230,8 @@ class DraftModel:
 
         with self.timer.stage("draft.step"):
             logprobs, tokens, _ = self.score(hidden, k)
+        # The hidden state that scored each candidate (what a feature head reads when expanding it).
+        sources = hidden[:, None].expand(-1, k, -1) if self.reads_sources else None
         parents = torch.full_like(tokens, -1)
         depth = torch.ones_like(tokens)
         ancestors[:, diagonal[:k], diagonal[:k]] = True
@@ -232,13 +248,19 @@ class DraftModel:
                 rows = ancestors.gather(1, expanded[:, :, None].expand(-1, -1, capacity))
                 block_mask = rows.gather(2, expanded[:, None, :].expand(-1, count, -1))
                 # The root is the last committed slot: a node of depth d sits d - 1 slots past it.
-                out = self.runner.forward(
-                    self._to_drafter_ids(tokens.gather(1, expanded)),
-                    depth.gather(1, expanded) - 1,
-                    block_mask,
+                expanded_sources = None
+                if sources is not None:
+                    expanded_sources = sources.gather(
+                        1, expanded[:, :, None].expand(-1, -1, sources.shape[2])
+                    )
+                out = self._read(
+                    tokens.gather(1, expanded), depth.gather(1, expanded) - 1, block_mask, expanded_sources
                 )
                 new_hidden = out[:, -width:].reshape(batch * width, -1)
                 child_logprobs, child_tokens, _ = self.score(new_hidden, k)
+                if sources is not None:
+                    children = new_hidden.reshape(batch, width, 1, -1).expand(-1, -1, k, -1)
+                    sources = torch.cat([sources, children.reshape(batch, width * k, -1)], 1)
                 child_parents = chosen.repeat_interleave(k, dim=1)  # [B, width * k]
                 first = tokens.shape[1]
                 new = diagonal[first : first + width * k]
@@ -256,6 +278,9 @@ class DraftModel:
         # The best max_nodes candidates. A child's cumulative log-prob never exceeds its parent's and
         # a parent has the lower index, so a stable sort keeps every selected node's ancestors.
         num_nodes = min(config.max_nodes, tokens.shape[1])
+        if config.min_confidence > 0:
+            confident = (logprobs >= math.log(config.min_confidence)).sum(-1).max()
+            num_nodes = max(1, min(num_nodes, int(confident)))  # host read
         best = torch.sort(logprobs, dim=-1, descending=True, stable=True).indices[:, :num_nodes]
         selected = best.sort(dim=-1).values  # candidate order is topological
         slot = torch.full_like(tokens, -1).scatter_(1, selected, diagonal[:num_nodes].expand(batch, -1))

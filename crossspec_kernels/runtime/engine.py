@@ -13,6 +13,9 @@ One request batch, start to end:
    ``compact_kv`` moves an accepted tree path next to the root; then the drafter catches up on the
    committed tokens in the first forward of its next turn and drafts a chain (``ChainDraft``) or a
    dynamic tree (``TreeDraft``).
+   With a feature head (``feature_head=``, B1: EAGLE fed by the target's own features), the event
+   drafter drafts only during the target's prefill (the free tokens); from the first verification
+   on the head drafts from the target's features of the committed tokens (``feature_drafting``).
 3. A drafter that raises (an error, or running out of memory) never touches the output: the
    engine finishes with target-only decoding (rounds without drafts) and reports the fallback.
 
@@ -39,10 +42,12 @@ from dataclasses import dataclass, field
 import torch
 
 from crossspec_kernels import hf_attention
+from crossspec_kernels.models.feature_head import FeatureHead
 from crossspec_kernels.runtime import checks
 from crossspec_kernels.runtime.controlled import ControlledAcceptance
 from crossspec_kernels.runtime.draft_config import MAX_DRAFT_NODES, ChainDraft, TreeDraft
 from crossspec_kernels.runtime.drafting import DraftModel, Proposal
+from crossspec_kernels.runtime.feature_drafting import FeatureDraftModel, HeadDecoder, check_feature_head
 from crossspec_kernels.runtime.round import Verdict, Verifier
 from crossspec_kernels.runtime.runner import STEP_MODES, ModelRunner, graph_capture_available
 from crossspec_kernels.runtime.stages import StageTimer
@@ -72,7 +77,8 @@ class CrossSpecEngine:
             attention (``crossspec_kernels.hf.enable``), which computes the same attention.
         drafter: any HF model whose ``.model`` (or, without one, whose forward with
             ``output_hidden_states``) returns final hidden states: the EventGPT-style drafter, a
-            LLaVA, a plain causal LM. Its own LM head never runs.
+            LLaVA, a plain causal LM. Its own LM head never runs. None needs a ``feature_head``
+            (nothing is drafted before the first verification then).
         adapter: any ``nn.Module`` mapping the drafter's final hidden state [..., d_draft] into the
             target's [..., d_target] (the package's ``BottleneckAdapter`` runs fused), or None
             (identity: hidden sizes must match).
@@ -91,12 +97,17 @@ class CrossSpecEngine:
             (``torch.compile(fullgraph=True)`` per block shape, any device); "cuda_graph" (one CUDA
             graph per block shape, replayed). Compiled and graphed steps give the eager tokens.
         compile_backend: the torch.compile backend of ``step_mode="compile"`` ("inductor").
+        feature_head: a "b1" ``FeatureHead`` for this target (``models.feature_head``); it drafts
+            every round after the first. Its attention is switched to "crossspec"; a head saved
+            without its token embedding gets the target's.
+        draft_vocab: the token ids the feature head may propose (e.g. the most frequent ones), or
+            None (all): a smaller LM head for the drafts, verification still over the full vocabulary.
     """
 
     def __init__(
         self,
         target: torch.nn.Module,
-        drafter: torch.nn.Module,
+        drafter: torch.nn.Module | None,
         adapter: torch.nn.Module | None = None,
         *,
         draft: ChainDraft | TreeDraft | None = None,
@@ -106,6 +117,8 @@ class CrossSpecEngine:
         streams: tuple[torch.cuda.Stream, torch.cuda.Stream] | None = None,
         step_mode: str = "eager",
         compile_backend: str = "inductor",
+        feature_head: FeatureHead | None = None,
+        draft_vocab=None,
     ) -> None:
         draft = ChainDraft() if draft is None else draft
         if backend not in (None, "cuda", "triton", "reference"):
@@ -134,13 +147,27 @@ class CrossSpecEngine:
             available, reason = graph_capture_available(self.device)
             if not available:
                 raise ValueError(f"{_OP}: step_mode='cuda_graph' needs CUDA graph capture: {reason}")
-        checks.check_drafter(drafter, adapter, target)
+        if drafter is None:
+            if feature_head is None:
+                raise ValueError(f"{_OP}: drafter=None needs a feature_head (something must draft)")
+            if adapter is not None:
+                raise ValueError(f"{_OP}: an adapter maps the drafter's hidden states; drafter is None")
+        else:
+            checks.check_drafter(drafter, adapter, target)
+        if feature_head is None and draft_vocab is not None:
+            raise ValueError(f"{_OP}: draft_vocab restricts a feature head's drafts; feature_head is None")
+        self.draft_vocab = None
+        if feature_head is not None:
+            self.draft_vocab = check_feature_head(feature_head, target, draft_vocab)
         for name, model in (("drafter", drafter), ("adapter", adapter)):
             device = checks.device_of(model)
             if device is not None and device != self.device:
                 raise ValueError(f"{_OP}: {name} is on {device} but the target is on {self.device}")
         self.target = hf_attention.enable(target)
-        self.drafter = hf_attention.enable(drafter)
+        self.drafter = None if drafter is None else hf_attention.enable(drafter)
+        self.feature_head = feature_head
+        if feature_head is not None:
+            feature_head.eval().set_attn_implementation(hf_attention.ATTENTION_NAME)
         self.adapter = adapter
         self.draft = draft
         self.free_token_budget = free_token_budget
@@ -152,7 +179,14 @@ class CrossSpecEngine:
         # Runners keep their caches (and compiled or captured steps) from one request to the next.
         runner = dict(step_mode=step_mode, compile_backend=compile_backend)
         self.target_runner = ModelRunner(target, kernel=self._attention_kernel(target), **runner)
-        self.drafter_runner = ModelRunner(drafter, kernel=self._attention_kernel(drafter), **runner)
+        self.drafter_runner = None
+        if drafter is not None:
+            self.drafter_runner = ModelRunner(drafter, kernel=self._attention_kernel(drafter), **runner)
+        self.head_runner = None
+        if feature_head is not None:
+            decoder = HeadDecoder(feature_head)
+            kernel = self._attention_kernel(decoder)
+            self.head_runner = ModelRunner(decoder, kernel=kernel, base=decoder, **runner)
 
     def _attention_kernel(self, model) -> str | None:
         """The tree_attention backend of a model's block forwards; None = torch SDPA."""
@@ -167,7 +201,7 @@ class CrossSpecEngine:
     def generate(
         self,
         target_inputs: Mapping,
-        drafter_inputs: Mapping,
+        drafter_inputs: Mapping | None,
         *,
         max_new_tokens: int,
         temperature: float = 0.0,
@@ -183,7 +217,7 @@ class CrossSpecEngine:
             target_inputs: what ``target.generate`` takes: input_ids [B, T] (left padded),
                 attention_mask, pixel_values_videos, ...
             drafter_inputs: the drafter's prompt: input_ids [B, T'] (left padded), attention_mask,
-                and its event inputs (e.g. event_pixel_values).
+                and its event inputs (e.g. event_pixel_values); None when the engine has no drafter.
             temperature: 0 = greedy; > 0 samples softmax(logits / temperature).
             seed: keys the verification noise (Philox) and the drafter's sampling.
             eos_token_id: int or list; None = the target's generation_config.eos_token_id; []
@@ -202,7 +236,9 @@ class CrossSpecEngine:
             one target token), tokens_per_round, free_tokens (drafted before the target's prefill
             finished), free_tokens_accepted, ttft_ms, tokens_per_s, total_ms, stage_ms (per NVTX
             stage; target.prefill includes target.vision), rounds, fallback, fallback_reason,
-            device, step_mode.
+            device, step_mode, per_position_acceptance (alpha_k = P(draft at depth k accepted |
+            depths < k accepted), over rounds that drafted depth k), drafters (per drafter,
+            "event" and "feature": rounds, drafted depth, accepted, acceptance_rate).
         """
         run = _Run(
             self, target_inputs, drafter_inputs, max_new_tokens, temperature, seed, eos_token_id, pad_token_id
@@ -252,16 +288,26 @@ class _Run:
         dtype = engine.lm_head.weight.dtype
         target_runner, drafter_runner = engine.target_runner, engine.drafter_runner
         target_runner.allocate(batch, self.target_inputs["input_ids"].shape[1] + room, dtype, device)
-        drafter_dtype = _parameter_dtype(engine.drafter, dtype)
-        drafter_runner.allocate(
-            batch, self.drafter_inputs["input_ids"].shape[1] + room, drafter_dtype, device
-        )
+        drafter_dtype = None if engine.drafter is None else _parameter_dtype(engine.drafter, dtype)
         self.verifier = Verifier(
             target_runner, engine.lm_head, self.eos, self.temperature, self.seed, backend
         )
-        self.drafter = DraftModel(
-            drafter_runner, engine.adapter, engine.lm_head.weight, self.timer, self._kernel_backend
-        )
+        self.drafter = self.head = None
+        if engine.drafter is not None:
+            drafter_runner.allocate(
+                batch, self.drafter_inputs["input_ids"].shape[1] + room, drafter_dtype, device
+            )
+            self.drafter = DraftModel(
+                drafter_runner, engine.adapter, engine.lm_head.weight, self.timer, self._kernel_backend
+            )
+        if engine.feature_head is not None:
+            head_runner = engine.head_runner
+            head_dtype = _parameter_dtype(engine.feature_head, dtype)
+            head_runner.allocate(batch, self.target_inputs["input_ids"].shape[1] + room, head_dtype, device)
+            self.head = FeatureDraftModel(
+                head_runner, engine.lm_head.weight, self.timer, self._kernel_backend, engine.draft_vocab
+            )
+            self.verifier.keep_features = True
         self.verifier.forward = self.timer.timed("verify.forward", self.verifier.forward)
         self.verifier.accept = self.timer.timed("verify.accept", self.verifier.accept)
         self.verifier.compact = self.timer.timed("kv.compact", self.verifier.compact)
@@ -286,6 +332,12 @@ class _Run:
         self.rounds = 0
         self.accepted = self.depth_total = self.row_rounds = self.drafted_row_rounds = 0
         self.first_accepted = [0] * batch
+        # Per draft depth k (index k - 1): rounds x rows that drafted depth k after accepting the
+        # depths before it, and those that accepted it; per drafter: [rounds, depth, accepted].
+        self.offered_at: list[int] = []
+        self.accepted_at: list[int] = []
+        self.by_drafter = {"event": [0, 0, 0], "feature": [0, 0, 0]}
+        self.proposer = "event"  # which model drafted the proposal being verified
 
     def set_controlled_acceptance(self, controlled: ControlledAcceptance | None) -> None:
         if controlled is None:
@@ -296,6 +348,10 @@ class _Run:
             )
         if self.temperature != 0 or not isinstance(self.engine.draft, ChainDraft):
             raise ValueError(f"{_OP}.generate: controlled_acceptance needs greedy decoding and a ChainDraft")
+        if self.drafter is None or self.head is not None:
+            raise ValueError(
+                f"{_OP}.generate: controlled_acceptance needs an event drafter and no feature head"
+            )
         controlled.check(self.batch, self.drafter.shared_vocab, self.device)
         # Draft `step` of a round proposes new token number committed + step.
         self.override = lambda token, step: controlled.apply(token, self.committed + step)
@@ -354,29 +410,26 @@ class _Run:
             return self.verifier.step(root, proposal)
 
     def _draft(self, verdict: Verdict, proposal: Proposal | None) -> Proposal | None:
-        """The drafter's turn: read the committed tokens, then propose the next round's drafts."""
+        """The drafter's turn (the feature head's, with one): read the committed tokens, then
+        propose the next round's drafts."""
         if self.fallback_reason is not None:
             return None
+        model = self.drafter if self.head is None else self.head
+        self.proposer = "event" if self.head is None else "feature"
         self._join(self.drafter_stream, self.target_stream)
         _handoff(verdict, self.drafter_stream)
         fed = 0 if proposal is None else proposal.fed
         pending = self._drafter_call(
-            self.drafter.pending,
-            verdict.tokens,
-            verdict.num_accepted,
-            verdict.accepted,
-            self.verifier.active,
-            self.verifier.active_host,
-            fed,
+            model.pending, verdict, self.verifier.active, self.verifier.active_host, fed
         )
-        hidden = None if pending is None else self._drafter_call(self.drafter.catch_up, pending)
-        return None if hidden is None else self._drafter_call(self._propose, hidden)
+        hidden = None if pending is None else self._drafter_call(model.catch_up, pending)
+        return None if hidden is None else self._drafter_call(self._propose, model, hidden)
 
-    def _propose(self, hidden) -> Proposal:
+    def _propose(self, model: DraftModel, hidden) -> Proposal:
         config = self.engine.draft
         if isinstance(config, TreeDraft):
-            return self.drafter.tree(hidden, config)
-        return self.drafter.chain(
+            return model.tree(hidden, config)
+        return model.chain(
             hidden, config, temperature=self.temperature, generator=self.generator, override=self.override
         )
 
@@ -411,7 +464,9 @@ class _Run:
             return prefill_done()
 
         proposal = None
-        hidden = self._drafter_call(self.drafter.prefill, self.drafter_inputs)
+        hidden = (
+            None if self.drafter is None else self._drafter_call(self.drafter.prefill, self.drafter_inputs)
+        )
         if hidden is not None:
             proposal = self._drafter_call(
                 self.drafter.chain,
@@ -426,6 +481,13 @@ class _Run:
             future.result()
         finally:
             worker.shutdown()
+        if self.head is not None:  # the head reads the prompt's features, after the target's prefill
+            self._join(self.drafter_stream, self.target_stream)
+            inputs = self.target_inputs
+            mask = inputs.get("attention_mask")
+            mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
+            self._drafter_call(self.head.prefill, inputs["input_ids"], mask, self.verifier.prompt_hidden)
+            self.verifier.prompt_hidden = None
         # Which drafts were free is read at the end (CUDA event times need a sync).
         self.prefill_marks = (state["start"], state["end"], [] if proposal is None else proposal.timestamps)
         return proposal
@@ -446,8 +508,13 @@ class _Run:
     def _collect(self, verdict: Verdict, proposal: Proposal | None, *, first: bool) -> None:
         """Keep each live row's committed tokens (up to its first end of sequence) and count them."""
         num_nodes = 0 if proposal is None else proposal.tokens.shape[1]
-        depth = num_nodes if proposal is None or proposal.parents is None else self._tree_depth()
+        depth = num_nodes if proposal is None or proposal.parents is None else self._tree_depth(num_nodes)
         self.committed = self.committed + verdict.num_accepted + 1
+        if depth > len(self.offered_at):
+            grow = depth - len(self.offered_at)
+            self.offered_at += [0] * grow
+            self.accepted_at += [0] * grow
+        drafter_counts = self.by_drafter[self.proposer]
         for row in range(self.batch):
             if self.finished[row]:
                 continue
@@ -457,6 +524,12 @@ class _Run:
                 self.accepted += accepted
                 self.depth_total += depth
                 self.drafted_row_rounds += 1
+                for k in range(min(accepted + 1, depth)):
+                    self.offered_at[k] += 1
+                    self.accepted_at[k] += k < accepted
+                drafter_counts[0] += 1
+                drafter_counts[1] += depth
+                drafter_counts[2] += accepted
             if first:
                 self.first_accepted[row] = accepted
             take = accepted + 1 if eos_at < 0 else eos_at + 1
@@ -475,9 +548,8 @@ class _Run:
             sequences[row, : self.lengths[row]] = torch.cat(pieces)
         return sequences
 
-    def _tree_depth(self) -> int:
-        config = self.engine.draft
-        return min(config.depth, config.max_nodes)
+    def _tree_depth(self, num_nodes: int) -> int:
+        return min(self.engine.draft.depth, num_nodes)
 
     def _stats(self, start: float, first_tokens: float, end: float) -> dict:
         total_s = end - start
@@ -503,6 +575,19 @@ class _Run:
             "fallback_reason": self.fallback_reason,
             "device": str(self.device),
             "step_mode": self.engine.step_mode,
+            "per_position_acceptance": [
+                accepted / offered if offered else 0.0
+                for accepted, offered in zip(self.accepted_at, self.offered_at)
+            ],
+            "drafters": {
+                name: {
+                    "row_rounds": rounds,
+                    "drafted": drafted,
+                    "accepted": accepted,
+                    "acceptance_rate": accepted / drafted if drafted else 0.0,
+                }
+                for name, (rounds, drafted, accepted) in self.by_drafter.items()
+            },
         }
 
 

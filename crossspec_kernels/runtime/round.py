@@ -31,6 +31,9 @@ class Verdict(NamedTuple):
     accepted: list[int]  # host copy of num_accepted
     eos_at: list[int]  # index in tokens of the first end-of-sequence token, -1 if none
     hidden: torch.Tensor | None  # [B, W, d] the target's final hidden states of the block
+    # [B, N+1, d] with Verifier.keep_features: the target's features (final hidden states) of the
+    # root, then of the accepted nodes in order; the inputs of a feature head next to ``tokens``.
+    features: torch.Tensor | None = None
 
 
 class Verifier:
@@ -58,6 +61,9 @@ class Verifier:
         self.active = torch.ones(batch, dtype=torch.bool, device=device)  # rows still generating
         self.active_host = [True] * batch
         self.root_logits: torch.Tensor | None = None
+        self.keep_features = False  # a feature head drafts: keep the target's features (Verdict)
+        self.prompt_hidden: torch.Tensor | None = None  # [B, T, d] the prompt's, with keep_features
+        self._root_feature: torch.Tensor | None = None
         self._outputs: dict[int, VerifyBuffers] = {}  # verify's outputs per node count, reused
 
     @property
@@ -68,6 +74,8 @@ class Verifier:
         """The prompt; keeps the logits at its last token (the first round's root) and returns them."""
         hidden = self.runner.prefill(inputs)
         self.root_logits = self.lm_head(hidden[:, -1:])[:, 0]
+        if self.keep_features:
+            self.prompt_hidden, self._root_feature = hidden, hidden[:, -1]
         return self.root_logits
 
     def step(self, root: torch.Tensor | None, proposal: Proposal) -> Verdict:
@@ -91,7 +99,8 @@ class Verifier:
                 for s, a, on, n in zip(starts, accepted, self.active_host, cache.host_lengths)
             ],
         )
-        return Verdict(result.tokens, result.num_accepted, accepted, eos_at, hidden)
+        features = self._features(hidden, result.path, root is None) if self.keep_features else None
+        return Verdict(result.tokens, result.num_accepted, accepted, eos_at, hidden, features)
 
     # the round's three parts (the engine wraps each in a timed stage) -------------------------
     def forward(self, block, depth, tree, *, first: bool):
@@ -136,6 +145,16 @@ class Verifier:
                 tree_start,
                 backend=self._compact_backend,
             )
+
+    def _features(self, hidden, path: torch.Tensor, first: bool) -> torch.Tensor:
+        """[B, N+1, d]: the root's feature (the prefill's last, or the block's first), then the
+        accepted nodes' (``path``; a chain's path is its node order, -1 past the accepted)."""
+        root = self._root_feature if first else hidden[:, 0]
+        if path.shape[1] == 0:
+            return root[:, None]
+        nodes = hidden if first else hidden[:, 1:]
+        index = path.clamp_min(0)[:, :, None].expand(-1, -1, nodes.shape[2])
+        return torch.cat([root[:, None], nodes.gather(1, index)], 1)
 
     def finish(self, row: int) -> None:
         """Row ``row`` is done: its cache stops growing (later rounds still compute it, unread)."""

@@ -46,10 +46,12 @@ def graph_capture_available(device) -> tuple[bool, str]:
 
 class ModelRunner:
     """Args:
-    model: an HF causal LM / VLM (or a feature head taking ``features``).
+    model: an HF causal LM / VLM (or ``feature_drafting.HeadDecoder``, which takes ``features``).
     kernel: the ``tree_attention`` backend for block forwards, or None for torch SDPA.
     step_mode: "eager", "compile" or "cuda_graph" (see the module docstring).
     compile_backend: torch.compile backend for "compile".
+    base: the module returning ``last_hidden_state`` (default ``model.model``; without one the
+        model runs whole, with ``output_hidden_states``).
     """
 
     def __init__(
@@ -59,9 +61,10 @@ class ModelRunner:
         kernel: str | None = None,
         step_mode: str = "eager",
         compile_backend: str = "inductor",
+        base: torch.nn.Module | None = None,
     ) -> None:
         self.model = model
-        base = getattr(model, "model", None)
+        base = getattr(model, "model", None) if base is None else base
         # The decoder returning last_hidden_state; a model without one runs whole, with hidden states.
         self.base = base if isinstance(base, torch.nn.Module) else None
         forward = (self.base or model).forward
