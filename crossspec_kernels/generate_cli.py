@@ -34,6 +34,9 @@ folder has no processor files.
 
 User errors (missing files, wrong types, unreadable checkpoints, mismatched vocabularies) end with one
 line on stderr and exit status 2.
+
+numpy, torch, transformers and the models are imported inside the functions that run the command:
+``crossspec --help`` builds this parser and must not pay for them.
 """
 
 from __future__ import annotations
@@ -45,10 +48,9 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
+from crossspec_kernels.cli_common import add_command
 from crossspec_kernels.generate_inputs import (
     BuiltinVideoProcessor,
     GenerateError,
@@ -59,9 +61,14 @@ from crossspec_kernels.generate_inputs import (
     target_num_frames,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
 PROG = "crossspec generate"
 BACKEND_CHOICES = ("auto", "cuda", "triton", "reference")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# --dtype names; each is the name of a torch dtype (torch.float32, ...), looked up when the command runs.
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 PROCESSOR_CHOICES = ("auto", "hf", "builtin")
 DEFAULT_GAMMA = 5
 TARGET_TEMPLATE = "USER: <video>\n{question} ASSISTANT:"
@@ -140,10 +147,11 @@ def _temperature(text: str) -> float:
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``generate`` to a subparsers object; the parsed namespace runs with ``args.func(args)``."""
-    parser = subparsers.add_parser(
+    parser = add_command(  # the shared formatter shows defaults; the epilog lists the exit codes
+        subparsers,
         "generate",
         help="speculative generation with a Video-LLaVA target and an EventGPT drafter (local folders)",
-        description="Answer a question about a clip with a Video-LLaVA target, drafting with an "
+        description="Answer a question about a clip with a Video-LLaVA target, drafting with an\n"
         "EventGPT-style drafter that reads the clip's events; greedy output is the target's own.",
     )
     models = parser.add_argument_group("models (local folders, nothing is downloaded)")
@@ -178,26 +186,28 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "--tree", type=parse_tree, metavar="TOP_K,DEPTH,MAX_NODES", help="draft a dynamic tree"
     )
     drafting.add_argument(
-        "--gamma", type=parse_gamma, metavar="N", help=f"draft a chain of N tokens (default {DEFAULT_GAMMA})"
+        "--gamma", type=parse_gamma, metavar="N", help=f"draft a chain of N tokens (default: {DEFAULT_GAMMA})"
     )
     run = parser.add_argument_group("generation")
-    run.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="default 64")
     run.add_argument(
-        "--temperature", type=_temperature, default=0.0, metavar="T", help="0 = greedy (default)"
+        "--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate at most"
     )
-    run.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    run.add_argument(
+        "--temperature", type=_temperature, default=0.0, metavar="T", help="sampling temperature, 0 = greedy"
+    )
+    run.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed")
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
     run.add_argument(
         "--dtype",
-        choices=("auto", *DTYPES),
+        choices=("auto", *DTYPE_NAMES),
         default="auto",
-        help="model dtype (default: float16 on CUDA, float32 on CPU)",
+        help="model dtype (auto: float16 on CUDA, float32 on CPU)",
     )
     run.add_argument(
         "--backend",
         choices=BACKEND_CHOICES,
         default="auto",
-        help="force the kernels' backend (default: dispatch)",
+        help="force the kernels' backend (auto: each op picks from the device)",
     )
     run.add_argument(
         "--processor",
@@ -235,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve_device(name: str) -> torch.device:
     """--device: auto (cuda if available), cpu or cuda[:i], checked against what torch sees."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -422,6 +434,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -467,6 +481,8 @@ def format_stats(stats: dict, baseline: dict | None) -> str:
 
 
 def _run_baseline(target, target_inputs, max_new_tokens, eos, device) -> tuple[torch.Tensor, float]:
+    import torch
+
     prompt_len = target_inputs["input_ids"].shape[1]
     _sync(device)
     start = time.perf_counter()
@@ -492,6 +508,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from crossspec_kernels.models.eventgpt import EventGPTPromptBuilder, preprocess_event_frames
     from crossspec_kernels.ops.events_to_frames import events_to_frames
     from crossspec_kernels.runtime import ChainDraft, CrossSpecEngine
@@ -511,7 +529,7 @@ def _run(args: argparse.Namespace) -> int:
             raise GenerateError(f"--json {args.json}: folder {json_parent} does not exist")
     device = resolve_device(args.device)
     dtype = (
-        DTYPES[args.dtype]
+        getattr(torch, args.dtype)
         if args.dtype != "auto"
         else (torch.float16 if device.type == "cuda" else torch.float32)
     )

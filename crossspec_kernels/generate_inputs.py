@@ -5,18 +5,22 @@ uniformly; ``load_events`` reads a DSEC ``.h5`` window or an EventGPT ``.npy``;
 ``BuiltinVideoProcessor`` computes what ``VideoLlavaProcessor`` does, in PyTorch, for machines
 without pillow and torchvision (see ``crossspec_kernels.generate_cli``'s docstring). Problems with
 the user's files raise :class:`GenerateError`: one line, exit status 2.
+
+numpy, torch and the models are imported inside the functions: ``crossspec generate --help`` imports
+this module (through ``generate_cli``) and must not pay for them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from crossspec_kernels.cli_common import UsageError as GenerateError  # one user-error type, exit 2
-from crossspec_kernels.models.eventgpt import CLIP_MEAN, CLIP_STD
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 ARRAY_VIDEO_EXTENSIONS = (".npy", ".pt", ".pth")
 CONTAINER_VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
@@ -47,6 +51,9 @@ def existing_dir(path: str, what: str) -> Path:
 
 def _frames_hwc(array, path: Path) -> np.ndarray:
     """A uint8 [T, H, W, 3] or [T, 3, H, W] array/tensor -> contiguous uint8 [T, H, W, 3]."""
+    import numpy as np
+    import torch
+
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     if not isinstance(array, np.ndarray):
@@ -67,10 +74,14 @@ def _frames_hwc(array, path: Path) -> np.ndarray:
 def sample_frame_indices(total: int, num_frames: int) -> list[int]:
     """``num_frames`` indices spread uniformly over [0, total) from the first to the last frame
     (repeats when the clip has fewer frames)."""
+    import numpy as np
+
     return [int(round(i)) for i in np.linspace(0, total - 1, num_frames)]
 
 
 def _decode_with_av(path: Path, num_frames: int) -> np.ndarray:
+    import numpy as np
+
     try:
         import av
     except ImportError as error:
@@ -117,6 +128,9 @@ def _decode_with_av(path: Path, num_frames: int) -> np.ndarray:
 
 def load_video(path: str, num_frames: int) -> tuple[np.ndarray, int]:
     """The clip's ``num_frames`` uniformly sampled frames, uint8 [num_frames, H, W, 3], and its length."""
+    import numpy as np
+    import torch
+
     file = existing_file(path, "--video")
     suffix = file.suffix.lower()
     if suffix in CONTAINER_VIDEO_EXTENSIONS:
@@ -203,6 +217,8 @@ class BuiltinVideoProcessor:
     """What ``VideoLlavaProcessor(text, videos=...)`` computes, in PyTorch (see the module docstring)."""
 
     def __init__(self, folder: Path, target, tokenizer) -> None:
+        from crossspec_kernels.models.eventgpt import CLIP_MEAN, CLIP_STD
+
         vision = target.config.vision_config
         settings: dict = {}
         source = None
@@ -245,6 +261,8 @@ class BuiltinVideoProcessor:
 
     def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [T, H, W, 3] -> float32 [T, 3, crop_h, crop_w]."""
+        import torch
+
         video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
         height, width = video.shape[-2:]
         if self.do_resize:

@@ -375,6 +375,13 @@ def tree_attention(
 
     Query head h reads kv head h // (Hq / Hkv) (GQA). A query that sees no position outputs zeros.
     Returns q's dtype.
+
+    Non-finite inputs follow IEEE arithmetic over what a query sees, as the kernels do: a NaN in a
+    query, or a NaN/inf in a key or value that the query sees, makes its output NaN; anything at
+    a position the query does not see (left padding, other branches, stale slots) never matters.
+    One known difference: the Triton kernel multiplies a tile of probabilities by the tile's
+    values, so a non-finite *value* at a tree node also poisons the queries of its tile that do
+    not see it (a target whose forward wrote NaN into its own cache).
     """
     batch, q_heads, num_queries, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -384,9 +391,16 @@ def tree_attention(
     values = v.float().repeat_interleave(group, dim=1)
     scores = (q.float() @ keys.transpose(-1, -2)) * scale  # [B, Hq, Q, L]
     visible = tree_visibility(batch, num_queries, kv_len, tree_mask, kv_start, q.device, kv_end=kv_end)
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: 0, not NaN
-    return (probs @ values).to(q.dtype)
+    visible = visible[:, None]  # [B, 1, Q, L]
+    # Masked scores are -inf whatever the key held (a NaN key must not leak into hidden slots).
+    scores = torch.where(visible, scores, float("-inf"))
+    probs = torch.where(visible.any(-1, keepdim=True), torch.softmax(scores, dim=-1), 0.0)
+    # 0 * NaN is NaN in a matmul: multiply by cleaned values, then poison the queries that see a
+    # non-finite value.
+    bad = ~torch.isfinite(values).all(-1)  # [B, Hq, L]
+    out = probs @ torch.where(bad[..., None], 0.0, values)
+    poisoned = (visible & bad[:, :, None, :]).any(-1, keepdim=True)  # [B, Hq, Q, 1]
+    return torch.where(poisoned, float("nan"), out).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -323,7 +323,11 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
     target, _ = load_smollm2(args.model_dir)
     eos = tokenizer.eos_token_id
     records = corpus["held_out"][: args.engine_prompts]
-    drafts = {"chain": ChainDraft(args.gamma), "tree": TreeDraft(*args.tree)}
+    drafts = {
+        "chain": ChainDraft(args.gamma),
+        "chain_adaptive": ChainDraft(args.gamma + 2, min_confidence=args.min_confidence),
+        "tree": TreeDraft(*args.tree),
+    }
     vocab = draft_vocab(args, corpus)
     engines = {
         name: CrossSpecEngine(target, None, draft=d, feature_head=head, draft_vocab=vocab)
@@ -346,8 +350,10 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
         return engines[name].generate(dict(input_ids=ids), None, max_new_tokens=args.engine_tokens, **kwargs)
 
     warm = prompt_of(records[0])  # first calls pay one-off costs (allocation, lazy init)
-    plain(warm), spec("chain", warm), spec("tree", warm)
-    totals = {key: {"seconds": 0.0, "tokens": 0} for key in ("generate", "chain", "tree")}
+    plain(warm)
+    for name in drafts:
+        spec(name, warm)
+    totals = {key: {"seconds": 0.0, "tokens": 0} for key in ("generate", *drafts)}
     curves = {name: [] for name in drafts}
     agg = {name: {"drafted": 0, "accepted": 0, "row_rounds": 0} for name in (*drafts, "chain_T0.7")}
     identical = True
@@ -381,20 +387,15 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
         "prompts": len(records),
         "max_new_tokens": args.engine_tokens,
         "draft_vocab": None if vocab is None else len(vocab),
-        "chain": {
-            "draft": str(drafts["chain"]),
-            **summary("chain"),
-            "speedup": speed["chain"] / speed["generate"],
-        },
-        "tree": {
-            "draft": str(drafts["tree"]),
-            **summary("tree"),
-            "speedup": speed["tree"] / speed["generate"],
+        **{
+            name: {"draft": str(draft), **summary(name), "speedup": speed[name] / speed["generate"]}
+            for name, draft in drafts.items()
         },
         "chain_sampled_T0.7": summary("chain_T0.7"),
         "tokens_per_s": speed,
         "outputs_identical_to_generate": bool(identical),
-        "per_position_acceptance_chain_first_prompt": curves["chain"][0] if curves["chain"] else [],
+        # alpha_k of the fixed chain, the mean over prompts of each prompt's engine statistic
+        "per_position_acceptance_chain": [sum(column) / len(column) for column in zip(*curves["chain"])],
     }
 
 
@@ -432,6 +433,9 @@ def parse_args(argv=None):
         type=int,
         default=8192,
         help="the engine's head proposes only the N most frequent training tokens (0: all)",
+    )
+    parser.add_argument(
+        "--min-confidence", type=float, default=0.3, help="the adaptive chain's ChainDraft(min_confidence)"
     )
     parser.add_argument("--engine-prompts", type=int, default=12, help="held-out prompts run in the engine")
     parser.add_argument("--engine-tokens", type=int, default=128, help="max_new_tokens in the engine stage")

@@ -454,6 +454,8 @@ def _caches(*tensors):
     return [*tensors, torch.randn(3, 2, 12, 8)]
 
 
+_BUFFER = torch.randn(3, 2, 14, 8)
+
 BAD_INPUTS = [
     (dict(caches=torch.randn(3, 2, 12, 8)), {}, TypeError, "got a single tensor"),
     (dict(caches=_caches("k")), {}, TypeError, "caches\\[0\\] must be a torch.Tensor"),
@@ -477,7 +479,14 @@ BAD_INPUTS = [
     ),
     (dict(caches=_caches(torch.randn(3, 2, 4, 8))), {}, ValueError, "L = 4 positions, too few"),
     (dict(caches=_caches(torch.randn(3, 2, 6, 8))), {}, ValueError, "tree_start = 3 out of range.*L = 6"),
-    (dict(caches=[torch.randn(3, 2, 12, 8)] * 2), {}, ValueError, "start at the same address"),
+    (dict(caches=[torch.randn(3, 2, 12, 8)] * 2), {}, ValueError, r"caches\[0\] and caches\[1\] overlap"),
+    (
+        # Two views of one buffer that share rows (overlapping, different start addresses).
+        dict(caches=[_BUFFER[:, :, :12], _BUFFER[:, :, 2:]]),
+        {},
+        ValueError,
+        "overlap in memory",
+    ),
     (dict(path=torch.tensor([0, 2, -1, -1])), {}, ValueError, "path must be 2-D"),
     (dict(path=torch.zeros(3, 4)), {}, ValueError, "path must be int64 or int32"),
     (dict(path=[[0, 2]]), {}, TypeError, "path must be a torch.Tensor"),

@@ -330,6 +330,17 @@ def test_drafter_failure_falls_back_to_target_decoding(reference_model, target, 
     assert type(error).__name__ in out.stats["fallback_reason"]
 
 
+def test_drafter_with_nan_weights_falls_back_and_says_why(reference_model, target, batch_inputs):
+    drafter, drafter_inputs, _ = drafter_and_inputs("perturbed", batch_inputs)
+    with torch.no_grad():
+        drafter.get_input_embeddings().weight.fill_(float("nan"))
+    engine = CrossSpecEngine(target, drafter, backend="reference")
+    out = engine.generate(batch_inputs, drafter_inputs, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out.sequences, expected(reference_model, batch_inputs))
+    assert out.stats["fallback"] and "not finite" in out.stats["fallback_reason"]
+    assert out.stats["drafters"]["event"]["drafted"] == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling preserves the target's distribution
 # ----------------------------------------------------------------------------------------------

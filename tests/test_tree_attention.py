@@ -702,3 +702,58 @@ def test_custom_op_passes_opcheck():
         torch.library.opcheck(
             torch.ops.crossspec.tree_attention.default, (q, k, v, mask, kv_start, kv_end, 0.2, "reference")
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite inputs: one semantics on every backend
+# ----------------------------------------------------------------------------------------------
+
+
+def _poison(case: str, q, k, v):
+    """Row 0 has 2 padding slots; its query 1 (a chain: causal) sees slots 2..L-Q+1."""
+    if case == "query":
+        q[0, 0, 1] = float("nan")  # only query 1 of head 0 is NaN
+    elif case == "visible_key":
+        k[0, 0, 3] = float("nan")  # a prefix slot every query of row 0 sees
+    elif case == "hidden_value":
+        v[0, 0, 0] = float("nan")  # a left-padding slot nobody sees
+    elif case == "future_node_value":
+        v[0, 0, -1] = float("inf")  # the last node: only the last query sees it
+    return q, k, v
+
+
+NAN_CASES = ["query", "visible_key", "hidden_value", "future_node_value"]
+
+
+@pytest.mark.parametrize("case", NAN_CASES)
+def test_reference_non_finite_semantics(case):
+    q, k, v = make_qkv(2, 2, 1, 3, 8, 8, torch.float32, seed=5)
+    q, k, v = _poison(case, q, k, v)
+    out = reference.tree_attention(q, k, v, kv_start=torch.tensor([2, 0]))
+    nan = out.isnan().any(-1)  # [B, Hq, Q]
+    want = torch.zeros_like(nan)
+    if case == "query":
+        want[0, 0, 1] = True
+    elif case == "visible_key":
+        want[0, :, :] = True  # both heads read kv head 0
+    elif case == "future_node_value":
+        want[0, :, 2] = True
+    assert torch.equal(nan, want), (case, nan)
+    assert torch.isfinite(out[~nan]).all()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton needs a GPU or TRITON_INTERPRET=1",
+)
+# Not "future_node_value": Triton multiplies a whole tile of probabilities by the tile's values,
+# so a non-finite value at a tree node also poisons the queries of its tile that do not see it.
+@pytest.mark.parametrize("case", NAN_CASES[:3])
+def test_triton_non_finite_semantics_match_the_reference(case):
+    q, k, v = make_qkv(2, 2, 1, 3, 8, 64, torch.float32, seed=5)
+    q, k, v = _poison(case, q, k, v)
+    kv_start = torch.tensor([2, 0])
+    want = reference.tree_attention(q, k, v, kv_start=kv_start)
+    got = tree_attention(q, k, v, kv_start=kv_start, backend="triton")
+    assert torch.equal(got.isnan(), want.isnan()), case
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), atol=FP32_ATOL, rtol=1e-5)

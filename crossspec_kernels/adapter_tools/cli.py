@@ -179,8 +179,8 @@ def add_adapter_parser(sub) -> None:
         commands,
         "extract",
         help="run drafter and target over a manifest; store drafter hidden + target next tokens",
-        description='Manifest: JSON lines {"drafter_inputs": x.pt, "target_inputs": y.pt, "prompt": str}, '
-        "paths relative to the manifest; each .pt is a dict of tensors for one request. "
+        description='Manifest: JSON lines {"drafter_inputs": x.pt, "target_inputs": y.pt, "prompt": str},\n'
+        "paths relative to the manifest; each .pt is a dict of tensors for one request.\n"
         "Output: sharded safetensors + index.json + lm_head.safetensors. Re-running resumes.",
     )
     ex.add_argument("--drafter", required=True, help="drafter model folder (from_pretrained)")

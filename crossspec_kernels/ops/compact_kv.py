@@ -176,7 +176,7 @@ def _check(tensors, path, num_accepted, tree_start, *, tracing: bool):
     dtype = tensors[0].dtype
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"compact_kv: caches must be fp32, fp16 or bf16, got {dtype}")
-    addresses: dict[int, int] = {}
+    addresses: dict[int, tuple[int, int]] = {}  # cache index -> its byte span
     for index, cache in enumerate(tensors):
         name = f"caches[{index}]"
         if cache.dim() != 4:
@@ -200,12 +200,8 @@ def _check(tensors, path, num_accepted, tree_start, *, tracing: bool):
                 f"compact_kv: {name} has L = {kv_len} positions, too few for the root and N = {num_nodes} nodes"
             )
         if cache.numel() and device.type != "meta" and not tracing:  # no data pointers while tracing
-            other = addresses.setdefault(cache.data_ptr(), index)
-            if other != index:
-                raise ValueError(
-                    f"compact_kv: {name} and caches[{other}] start at the same address; every tensor must "
-                    "appear once (compacting a tensor twice moves its rows twice)"
-                )
+            addresses[index] = _byte_span(cache)
+    _check_disjoint(addresses)
     min_len = min(cache.shape[2] for cache in tensors)
 
     if isinstance(tree_start, torch.Tensor):
@@ -307,3 +303,22 @@ def _crop(cache, committed: torch.Tensor) -> None:
             # A negative argument removes that many tokens in 4.56+ and 5.x alike (5.x deprecates
             # positive absolute lengths, and crop(0) would empty a 4.x layer).
             layer.crop(length - current)
+
+
+def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """[first, last) bytes a strided tensor can touch."""
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride())) + 1
+    start = tensor.data_ptr()
+    return start, start + extent * tensor.element_size()
+
+
+def _check_disjoint(spans: dict[int, tuple[int, int]]) -> None:
+    """Refuse caches whose memory overlaps: compacting shared rows twice moves them twice."""
+    ordered = sorted(spans.items(), key=lambda item: item[1])
+    for (first, (_, end)), (second, (start, _)) in zip(ordered, ordered[1:]):
+        if start < end:
+            low, high = sorted((first, second))
+            raise ValueError(
+                f"compact_kv: caches[{low}] and caches[{high}] overlap in memory (views of one buffer); "
+                "every cache must be its own memory (compacting shared rows twice moves them twice)"
+            )

@@ -131,9 +131,22 @@ class DraftModel:
 
     # ------------------------------------------------------------------------------------------
     def prefill(self, inputs: dict) -> torch.Tensor:
-        """The drafter's prompt; returns the final hidden state at its last position [B, d]."""
+        """The drafter's prompt; returns the final hidden state at its last position [B, d].
+
+        Raises (so that the engine falls back, whichever thread finishes first) when the drafter
+        returns another batch size or non-finite hidden states (e.g. NaN weights): such a drafter
+        would otherwise draft every round at no acceptance. One host read per request.
+        """
         with self.timer.stage("draft.prefill"):
-            return self.runner.prefill(inputs)[:, -1]
+            hidden = self.runner.prefill(inputs)[:, -1]
+        if hidden.dim() != 2 or hidden.shape[0] != self.cache.batch:
+            raise ValueError(
+                f"the drafter returned hidden states of shape {tuple(hidden.shape)} for a batch of "
+                f"{self.cache.batch} rows"
+            )
+        if not bool(torch.isfinite(hidden).all()):
+            raise FloatingPointError("the drafter's hidden states after its prompt are not finite (NaN/inf)")
+        return hidden
 
     def pending(self, verdict, active: torch.Tensor, active_host: list[bool], fed: int) -> Pending:
         """What the drafter must read after a round (``verdict``: ``round.Verdict``) that committed
