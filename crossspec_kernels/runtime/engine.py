@@ -330,10 +330,11 @@ class _Run:
         self.lengths = [0] * batch
         self.finished = [False] * batch
         self.rounds = 0
-        self.accepted = self.depth_total = self.row_rounds = self.drafted_row_rounds = 0
+        self.row_rounds = 0
         self.first_accepted = [0] * batch
         # Per draft depth k (index k - 1): rounds x rows that drafted depth k after accepting the
-        # depths before it, and those that accepted it; per drafter: [rounds, depth, accepted].
+        # depths before it, and those that accepted it; per drafter: [row rounds that drafted,
+        # drafted depth, accepted drafts] (the totals of acceptance_rate and mean_accepted_length).
         self.offered_at: list[int] = []
         self.accepted_at: list[int] = []
         self.by_drafter = {"event": [0, 0, 0], "feature": [0, 0, 0]}
@@ -508,7 +509,12 @@ class _Run:
     def _collect(self, verdict: Verdict, proposal: Proposal | None, *, first: bool) -> None:
         """Keep each live row's committed tokens (up to its first end of sequence) and count them."""
         num_nodes = 0 if proposal is None else proposal.tokens.shape[1]
-        depth = num_nodes if proposal is None or proposal.parents is None else self._tree_depth(num_nodes)
+        # A tree's drafted depth: its levels, or fewer when max_nodes / pruning kept fewer nodes.
+        depth = (
+            num_nodes
+            if proposal is None or proposal.parents is None
+            else min(self.engine.draft.depth, num_nodes)
+        )
         self.committed = self.committed + verdict.num_accepted + 1
         if depth > len(self.offered_at):
             grow = depth - len(self.offered_at)
@@ -521,9 +527,6 @@ class _Run:
             accepted, eos_at = verdict.accepted[row], verdict.eos_at[row]
             self.row_rounds += 1
             if num_nodes > 0:
-                self.accepted += accepted
-                self.depth_total += depth
-                self.drafted_row_rounds += 1
                 for k in range(min(accepted + 1, depth)):
                     self.offered_at[k] += 1
                     self.accepted_at[k] += k < accepted
@@ -548,9 +551,6 @@ class _Run:
             sequences[row, : self.lengths[row]] = torch.cat(pieces)
         return sequences
 
-    def _tree_depth(self, num_nodes: int) -> int:
-        return min(self.engine.draft.depth, num_nodes)
-
     def _stats(self, start: float, first_tokens: float, end: float) -> dict:
         total_s = end - start
         generated = sum(self.lengths)
@@ -558,11 +558,10 @@ class _Run:
         prefill_start, prefill_end, marks = self.prefill_marks
         prefill_ms = self.timer.elapsed_ms(prefill_start, prefill_end)
         free = sum(self.timer.elapsed_ms(prefill_start, mark) <= prefill_ms for mark in marks)
+        drafted_rows, drafted, accepted = (sum(column) for column in zip(*self.by_drafter.values()))
         return {
-            "acceptance_rate": self.accepted / self.depth_total if self.depth_total else 0.0,
-            "mean_accepted_length": self.accepted / self.drafted_row_rounds
-            if self.drafted_row_rounds
-            else 0.0,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "mean_accepted_length": accepted / drafted_rows if drafted_rows else 0.0,
             "tokens_per_round": generated / self.row_rounds if self.row_rounds else 0.0,
             "free_tokens": free,
             "free_tokens_accepted": sum(min(a, free) for a in self.first_accepted) / self.batch,

@@ -94,21 +94,10 @@ class ModelRunner:
         extra = {}
         if self._takes_cache_position:  # transformers 4.57 would read the host length otherwise
             extra["cache_position"] = positions[0]
-        if self.base is None:
-            out = self.model(
-                input_ids=tokens,
-                position_ids=positions,
-                past_key_values=self.cache,
-                attention_mask=plan.mask,
-                use_cache=True,
-                output_hidden_states=True,
-                return_dict=True,
-                crossspec_plan=plan,
-                **extra,
-                **inputs,
-            )
-            return out.hidden_states[-1]
-        out = self.base(
+        whole = self.base is None
+        if whole:  # a model without a base decoder runs whole and returns every layer's hidden states
+            extra["output_hidden_states"] = True
+        out = (self.model if whole else self.base)(
             input_ids=tokens,
             position_ids=positions,
             past_key_values=self.cache,
@@ -119,7 +108,7 @@ class ModelRunner:
             **extra,
             **inputs,
         )
-        return out.last_hidden_state
+        return out.hidden_states[-1] if whole else out.last_hidden_state
 
     # ------------------------------------------------------------------------------------------
     def prefill(self, inputs: dict) -> torch.Tensor:
