@@ -161,7 +161,7 @@ class Work:
             start = clock.mark()
             hidden = model.prefill(self.drafter_inputs)
             prefill_end = clock.mark()
-            proposal = model.chain(hidden, ChainDraft(self.steps), temperature=0.0, generator=None)
+            proposal = model.chain(hidden, ChainDraft(self.steps), temperature=0.0)
         spans = [("draft.prefill", start, prefill_end)]
         previous = prefill_end
         for index, mark in enumerate(proposal.timestamps):

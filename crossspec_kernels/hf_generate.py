@@ -32,6 +32,7 @@ def custom_generate(
     draft=None,
     free_token_budget: int = 16,
     seed: int | None = None,
+    sampling: str = "rejection",
     backend: str | None = None,
     crossspec_stats: dict | None = None,
     **model_kwargs,
@@ -41,6 +42,7 @@ def custom_generate(
     Extra ``generate`` keywords: ``drafter`` (required), ``drafter_inputs`` (required),
     ``adapter``, ``draft`` (ChainDraft/TreeDraft), ``free_token_budget``, ``seed`` (None draws one
     from torch's global generator, so ``torch.manual_seed`` controls sampling as with HF),
+    ``sampling`` ("rejection" or "coupled", see ``runtime.sampling``),
     ``backend`` (the engine's kernel backend) and ``crossspec_stats``: a dict the engine's stats
     are copied into.
     Supported: greedy, and sampling with temperature only (pass ``top_k=0``: HF's default top-k 50
@@ -90,6 +92,7 @@ def custom_generate(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,
+        sampling=sampling,
         eos_token_id=eos,
         pad_token_id=pad,
     )

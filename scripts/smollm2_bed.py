@@ -315,9 +315,11 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
     """The engine with the head on held-out prompts (batch 1) against ``generate`` on a second copy
     of the model (the engine switches its target's attention), same prompts, same run."""
     import torch
+    from transformers import LogitsProcessorList
 
     from crossspec_kernels.models.smollm2 import load_smollm2
     from crossspec_kernels.runtime import ChainDraft, CrossSpecEngine, TreeDraft
+    from crossspec_kernels.runtime.sampling import CoupledSampling
 
     baseline, _ = load_smollm2(args.model_dir)
     target, _ = load_smollm2(args.model_dir)
@@ -355,8 +357,12 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
         spec(name, warm)
     totals = {key: {"seconds": 0.0, "tokens": 0} for key in ("generate", *drafts)}
     curves = {name: [] for name in drafts}
-    agg = {name: {"drafted": 0, "accepted": 0, "row_rounds": 0} for name in (*drafts, "chain_T0.7")}
-    identical = True
+    sampled_modes = ("rejection", "coupled")
+    agg = {
+        name: {"drafted": 0, "accepted": 0, "row_rounds": 0}
+        for name in (*drafts, *(f"chain_T0.7_{mode}" for mode in sampled_modes))
+    }
+    identical = coupled_identical = True
     for record in records:
         ids = prompt_of(record)
         want, seconds = _timed(plain, ids)
@@ -370,9 +376,19 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
             curves[name].append(out.stats["per_position_acceptance"])
             for key in agg[name]:
                 agg[name][key] += out.stats["drafters"]["feature"][key]
-        sampled = spec("chain", ids, temperature=0.7, seed=0).stats["drafters"]["feature"]
-        for key in agg["chain_T0.7"]:
-            agg["chain_T0.7"][key] += sampled[key]
+        for mode in sampled_modes:
+            out = spec("chain", ids, temperature=0.7, seed=0, sampling=mode)
+            for key in agg[f"chain_T0.7_{mode}"]:
+                agg[f"chain_T0.7_{mode}"][key] += out.stats["drafters"]["feature"][key]
+        alone = baseline.generate(  # the target sampling alone under the coupled race
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.engine_tokens,
+            do_sample=False,
+            pad_token_id=eos,
+            logits_processor=LogitsProcessorList([CoupledSampling(0, 0.7, ids.shape[1])]),
+        )[:, ids.shape[1] :]
+        coupled_identical &= torch.equal(out.sequences, alone)
 
     def summary(name):
         counts = agg[name]
@@ -391,7 +407,8 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
             name: {"draft": str(draft), **summary(name), "speedup": speed[name] / speed["generate"]}
             for name, draft in drafts.items()
         },
-        "chain_sampled_T0.7": summary("chain_T0.7"),
+        **{f"chain_sampled_T0.7_{mode}": summary(f"chain_T0.7_{mode}") for mode in sampled_modes},
+        "coupled_output_identical_to_target_sampling_alone": bool(coupled_identical),
         "tokens_per_s": speed,
         "outputs_identical_to_generate": bool(identical),
         # alpha_k of the fixed chain, the mean over prompts of each prompt's engine statistic

@@ -39,6 +39,12 @@ def check_int(name: str, value, low: int) -> int:
     return value
 
 
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{_OP}.generate: {name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"{_OP}.generate: temperature must be a float >= 0, got {temperature!r}")
@@ -161,6 +167,15 @@ def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < (1 << 64):
         raise ValueError(f"{_OP}.generate: seed must be an int in [0, 2**64), got {seed!r}")
     return seed - (1 << 64) if seed >= (1 << 63) else seed  # the same 64 bits as an int64
+
+
+def check_seeds(seed, batch: int) -> list[int]:
+    """One seed for every row, or a sequence of one per row (each keys its row's noise)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise ValueError(f"{_OP}.generate: seed has {len(seed)} entries for a batch of {batch} rows")
+        return [check_seed(value) for value in seed]
+    return [check_seed(seed)] * batch
 
 
 def check_drafter(drafter, adapter, target) -> None:

@@ -187,12 +187,17 @@ class DraftModel:
         config: ChainDraft,
         *,
         temperature: float,
-        generator: torch.Generator | None,
+        sampler=None,
+        position: torch.Tensor | None = None,
         should_stop=None,
         override=None,
     ) -> Proposal:
         """Draft up to ``config.gamma`` tokens; ``should_stop(timestamps)``, asked after each, ends early.
-        ``override(token [B], step)`` may replace each proposal before it is fed back."""
+        ``override(token [B], step)`` may replace each proposal before it is fed back.
+
+        Sampled (temperature > 0): ``sampler`` (``runtime.sampling``) draws draft ``step`` as token
+        number ``position + step`` of each row ([B] tokens committed before the chain).
+        """
         batch, device = hidden.shape[0], hidden.device
         sampled = temperature > 0
         self.chain_base, self.chain_host = self.cache.lengths.clone(), list(self.cache.host_lengths)
@@ -207,9 +212,9 @@ class DraftModel:
             with self.timer.stage("draft.step"):
                 logprobs, ids, probs = self.score(hidden, 1, temperature if sampled else 1.0, probs=sampled)
                 if sampled:  # exponential race: argmax p(x) / E(x), E ~ Exp(1), drawn on the device
-                    noise = torch.empty_like(probs).exponential_(generator=generator)
-                    token = (probs / noise).argmax(-1)
-                    rows.append(probs)
+                    token = sampler.draw(probs, position + step)
+                    if sampler.keeps_probs:
+                        rows.append(probs)
                 else:
                     token = ids[:, 0]
                 if override is not None:  # controlled acceptance (benchmarks): replaces the proposal
@@ -227,22 +232,36 @@ class DraftModel:
                 self.cache.advance(ones, [1] * batch)
         count = len(tokens)
         draft_probs = None
-        if sampled:
+        if rows:
             rows.append(torch.zeros_like(rows[0]))  # the last node has no children
             draft_probs = F.pad(torch.stack(rows, 1), (0, self.target_vocab - self.shared_vocab))
         depth = torch.arange(1, count + 1, device=device).expand(batch, count)
         tree_mask = torch.ones(count, count, dtype=torch.bool, device=device).tril().expand(batch, -1, -1)
         return Proposal(torch.stack(tokens, 1), None, depth, tree_mask, draft_probs, count - 1, timestamps)
 
-    def tree(self, hidden: torch.Tensor, config: TreeDraft) -> Proposal:
-        """An EAGLE-2-style dynamic tree (see TreeDraft); candidates are deterministic (top-k)."""
+    def tree(
+        self, hidden: torch.Tensor, config: TreeDraft, *, noise=None, position: torch.Tensor | None = None
+    ) -> Proposal:
+        """An EAGLE-2-style dynamic tree (see TreeDraft). Candidates are each node's top-k; with
+        ``noise`` (coupled sampling, ``sampling.CoupledNoise``) its Gumbel top-k at the node's
+        position (``position`` [B]: tokens committed before the tree), whose first is the coupled
+        draft. Nodes are kept by cumulative draft log-probability either way."""
         k, batch, device = config.top_k, hidden.shape[0], hidden.device
+
+        def candidates(states: torch.Tensor, depth: torch.Tensor):  # [B * S, d], [B, S] parents' depth
+            if noise is None:
+                return self.score(states, k)[:2]
+            probs = self.score(states, 1, noise.temperature, probs=True)[2]
+            probs = probs.reshape(batch, depth.shape[1], -1)
+            ids = noise.perturb(probs, position[:, None] + depth).topk(k, dim=-1).indices
+            return probs.gather(2, ids).log().reshape(-1, k), ids.reshape(-1, k)
+
         capacity = k + (config.depth - 1) * k * k
         ancestors = torch.zeros(batch, capacity, capacity, dtype=torch.bool, device=device)
         diagonal = torch.arange(capacity, device=device)
 
         with self.timer.stage("draft.step"):
-            logprobs, tokens, _ = self.score(hidden, k)
+            logprobs, tokens = candidates(hidden, torch.zeros(batch, 1, dtype=torch.int64, device=device))
         # The hidden state that scored each candidate (what a feature head reads when expanding it).
         sources = hidden[:, None].expand(-1, k, -1) if self.reads_sources else None
         parents = torch.full_like(tokens, -1)
@@ -270,7 +289,7 @@ class DraftModel:
                     tokens.gather(1, expanded), depth.gather(1, expanded) - 1, block_mask, expanded_sources
                 )
                 new_hidden = out[:, -width:].reshape(batch * width, -1)
-                child_logprobs, child_tokens, _ = self.score(new_hidden, k)
+                child_logprobs, child_tokens = candidates(new_hidden, depth.gather(1, chosen))
                 if sources is not None:
                     children = new_hidden.reshape(batch, width, 1, -1).expand(-1, -1, k, -1)
                     sources = torch.cat([sources, children.reshape(batch, width * k, -1)], 1)

@@ -50,6 +50,7 @@ from crossspec_kernels.runtime.drafting import DraftModel, Proposal
 from crossspec_kernels.runtime.feature_drafting import FeatureDraftModel, HeadDecoder, check_feature_head
 from crossspec_kernels.runtime.round import Verdict, Verifier
 from crossspec_kernels.runtime.runner import STEP_MODES, ModelRunner, graph_capture_available
+from crossspec_kernels.runtime.sampling import SAMPLING_MODES, CoupledSampler, StreamSampler
 from crossspec_kernels.runtime.stages import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,8 @@ class CrossSpecEngine:
         *,
         max_new_tokens: int,
         temperature: float = 0.0,
-        seed: int = 0,
+        seed: int | list[int] = 0,
+        sampling: str = "rejection",
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         profile: bool | str = False,
@@ -219,7 +221,12 @@ class CrossSpecEngine:
             drafter_inputs: the drafter's prompt: input_ids [B, T'] (left padded), attention_mask,
                 and its event inputs (e.g. event_pixel_values); None when the engine has no drafter.
             temperature: 0 = greedy; > 0 samples softmax(logits / temperature).
-            seed: keys the verification noise (Philox) and the drafter's sampling.
+            seed: keys the verification noise (Philox) and the drafter's sampling: an int in
+                [0, 2^64), or one per row (a list of B ints).
+            sampling: "rejection" (recursive rejection sampling, the most accepted drafts) or
+                "coupled" (drafter and target share the position-keyed race noise: the output
+                equals ``target.generate`` with ``runtime.sampling.CoupledSampling(seed, T, width)``
+                token for token, whatever the timing, rounds or batch); see ``runtime.sampling``.
             eos_token_id: int or list; None = the target's generation_config.eos_token_id; []
                 disables stopping at end of sequence.
             pad_token_id: fills rows that ended early; None = the target's generation_config
@@ -241,7 +248,13 @@ class CrossSpecEngine:
             "event" and "feature": rounds, drafted depth, accepted, acceptance_rate).
         """
         run = _Run(
-            self, target_inputs, drafter_inputs, max_new_tokens, temperature, seed, eos_token_id, pad_token_id
+            self,
+            target_inputs,
+            drafter_inputs,
+            max_new_tokens,
+            (temperature, seed, sampling),
+            eos_token_id,
+            pad_token_id,
         )
         run.set_controlled_acceptance(controlled_acceptance)
         trace_path = None if profile is False else ("crossspec_trace.json" if profile is True else profile)
@@ -267,13 +280,15 @@ class CrossSpecEngine:
 
 
 class _Run:
-    def __init__(self, engine, target_inputs, drafter_inputs, max_new_tokens, temperature, seed, eos, pad):
+    def __init__(self, engine, target_inputs, drafter_inputs, max_new_tokens, sampling, eos, pad):
         self.engine = engine
         self.target_inputs, self.drafter_inputs = checks.check_inputs(engine, target_inputs, drafter_inputs)
         self.batch = batch = self.target_inputs["input_ids"].shape[0]
         self.max_new_tokens = checks.check_int("max_new_tokens", max_new_tokens, 1)
+        temperature, seed, sampling = sampling
         self.temperature = checks.check_temperature(temperature)
-        self.seed = checks.check_seed(seed)  # the same 64 bits as an int64, for the Philox key
+        self.seeds = checks.check_seeds(seed, batch)  # the same 64 bits as int64s, Philox keys
+        self.sampling = checks.check_choice("sampling", sampling, SAMPLING_MODES)
         vocab = engine.lm_head.weight.shape[0]
         self.eos = checks.eos_ids(engine.target, eos, vocab)
         self.pad = checks.pad_id(engine.target, self.eos, pad, vocab)
@@ -290,7 +305,7 @@ class _Run:
         target_runner.allocate(batch, self.target_inputs["input_ids"].shape[1] + room, dtype, device)
         drafter_dtype = None if engine.drafter is None else _parameter_dtype(engine.drafter, dtype)
         self.verifier = Verifier(
-            target_runner, engine.lm_head, self.eos, self.temperature, self.seed, backend
+            target_runner, engine.lm_head, self.eos, self.temperature, self.seeds, backend, self.sampling
         )
         self.drafter = self.head = None
         if engine.drafter is not None:
@@ -312,9 +327,13 @@ class _Run:
         self.verifier.accept = self.timer.timed("verify.accept", self.verifier.accept)
         self.verifier.compact = self.timer.timed("kv.compact", self.verifier.compact)
 
-        self.generator = None
+        self.sampler = None  # greedy
         if self.temperature > 0:
-            self.generator = torch.Generator(device).manual_seed(seed)
+            self.sampler = (
+                CoupledSampler(self.verifier.noise)
+                if self.sampling == "coupled"
+                else StreamSampler(torch.Generator(device).manual_seed(self.seeds[0]))
+            )
         self.drafter_stream, self.target_stream = None, None
         if engine.streams is not None:
             self.drafter_stream, self.target_stream = engine.streams
@@ -323,7 +342,6 @@ class _Run:
             # Lower number = higher priority: the drafter's small kernels go first when both are queued.
             high = torch.cuda.Stream.priority_range()[1]
             self.drafter_stream = torch.cuda.Stream(device, priority=high)
-        self.committed = torch.zeros(batch, dtype=torch.int64, device=device)  # uncapped
         self.override = None
         self.fallback_reason = None
         self.pieces: list[list[torch.Tensor]] = [[] for _ in range(batch)]
@@ -354,8 +372,8 @@ class _Run:
                 f"{_OP}.generate: controlled_acceptance needs an event drafter and no feature head"
             )
         controlled.check(self.batch, self.drafter.shared_vocab, self.device)
-        # Draft `step` of a round proposes new token number committed + step.
-        self.override = lambda token, step: controlled.apply(token, self.committed + step)
+        # Draft `step` of a round proposes new token number generated + step.
+        self.override = lambda token, step: controlled.apply(token, self.verifier.generated + step)
 
     # streams ----------------------------------------------------------------------------------
     def _on(self, stream):
@@ -429,9 +447,14 @@ class _Run:
     def _propose(self, model: DraftModel, hidden) -> Proposal:
         config = self.engine.draft
         if isinstance(config, TreeDraft):
-            return model.tree(hidden, config)
+            return model.tree(hidden, config, noise=self.verifier.noise, position=self.verifier.generated)
         return model.chain(
-            hidden, config, temperature=self.temperature, generator=self.generator, override=self.override
+            hidden,
+            config,
+            temperature=self.temperature,
+            sampler=self.sampler,
+            position=self.verifier.generated,
+            override=self.override,
         )
 
     # prefill hiding ---------------------------------------------------------------------------
@@ -474,7 +497,8 @@ class _Run:
                 hidden,
                 ChainDraft(budget),
                 temperature=self.temperature,
-                generator=self.generator,
+                sampler=self.sampler,
+                position=self.verifier.generated,
                 should_stop=should_stop,
                 override=self.override,
             )
@@ -515,7 +539,6 @@ class _Run:
             if proposal is None or proposal.parents is None
             else min(self.engine.draft.depth, num_nodes)
         )
-        self.committed = self.committed + verdict.num_accepted + 1
         if depth > len(self.offered_at):
             grow = depth - len(self.offered_at)
             self.offered_at += [0] * grow
@@ -574,6 +597,7 @@ class _Run:
             "fallback_reason": self.fallback_reason,
             "device": str(self.device),
             "step_mode": self.engine.step_mode,
+            "sampling": "greedy" if self.temperature == 0 else self.sampling,
             "per_position_acceptance": [
                 accepted / offered if offered else 0.0
                 for accepted, offered in zip(self.accepted_at, self.offered_at)

@@ -21,6 +21,7 @@ from crossspec_kernels.ops.verify import verify
 from crossspec_kernels.reference import VerifyBuffers
 from crossspec_kernels.runtime.drafting import Proposal
 from crossspec_kernels.runtime.runner import ModelRunner
+from crossspec_kernels.runtime.sampling import CoupledNoise
 
 
 class Verdict(NamedTuple):
@@ -43,12 +44,20 @@ class Verifier:
         runner: the target's ModelRunner (its SlotCache allocated).
         lm_head: the target's output embedding module.
         eos: [E] int64 end-of-sequence ids on the device.
-        temperature, seed: the request's sampling settings (0 = greedy).
+        temperature, seeds: the request's sampling settings (0 = greedy; one seed per row).
         backend: verify / compact_kv backend (None: each op chooses).
+        sampling: "rejection" or "coupled" (``runtime.sampling``; sampled requests only).
     """
 
     def __init__(
-        self, runner: ModelRunner, lm_head, eos: torch.Tensor, temperature: float, seed: int, backend
+        self,
+        runner: ModelRunner,
+        lm_head,
+        eos: torch.Tensor,
+        temperature: float,
+        seeds: list[int],
+        backend,
+        sampling: str = "rejection",
     ):
         self.runner, self.lm_head, self.eos, self.backend = runner, lm_head, eos, backend
         self._compact_backend = "triton" if backend == "cuda" else backend  # no C++ compact_kv
@@ -57,7 +66,14 @@ class Verifier:
         self.temperature = (
             0.0 if temperature == 0 else torch.full((batch,), temperature, dtype=torch.float32, device=device)
         )
-        self.seed = torch.full((batch,), seed, dtype=torch.int64, device=device)
+        self.seed = torch.tensor(seeds, dtype=torch.int64, device=device)
+        # Coupled: verification is greedy on scores perturbed by the position-keyed race noise.
+        self.noise = None
+        if temperature > 0 and sampling == "coupled":
+            self.noise, self.temperature = CoupledNoise(self.seed, temperature), 0.0
+        # Tokens each row has committed (uncapped): the position the root's logits predict, which
+        # keys the sampling noise, so padding and batch width do not change a row's stream.
+        self.generated = torch.zeros(batch, dtype=torch.int64, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)  # rows still generating
         self.active_host = [True] * batch
         self.root_logits: torch.Tensor | None = None
@@ -91,6 +107,7 @@ class Verifier:
         is_eos = committed & torch.isin(result.tokens, self.eos)
         first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), -1)
         accepted, eos_at = torch.stack([result.num_accepted, first_eos]).tolist()  # the round's one read
+        self.generated = self.generated + result.num_accepted + 1
         starts = [length - (root is None) for length in cache.host_lengths]
         cache.set_lengths(
             torch.where(self.active, tree_start + 1 + result.num_accepted, cache.lengths),
@@ -120,6 +137,9 @@ class Verifier:
         out = self._outputs.get(nodes)
         if out is None:
             out = self._outputs[nodes] = VerifyBuffers.empty(batch, nodes, logits.device)
+        if self.noise is not None:  # slot s predicts token number generated + depth(s)
+            depth = torch.cat([torch.zeros_like(self.generated)[:, None], proposal.depth], 1)
+            logits = self.noise.target_scores(logits, self.generated[:, None] + depth)
         return verify(
             logits,
             proposal.tokens,
@@ -127,7 +147,7 @@ class Verifier:
             proposal.draft_probs,
             temperature=self.temperature,
             seed=self.seed,
-            offset=self.cache.lengths,  # a row's committed length: new every round
+            offset=self.generated,  # new every round
             validate_tree=False,
             backend=self.backend,
             out=out,
