@@ -3,18 +3,19 @@
     crossspec generate --target DIR --drafter DIR [--adapter DIR] --video FILE --events FILE --question TEXT
                        [--tree TOP_K,DEPTH,MAX_NODES | --gamma N] [--max-new-tokens N] [--temperature T]
                        [--seed S] [--device auto|cpu|cuda[:i]] [--dtype auto|float32|float16|bfloat16]
-                       [--window-us T0,T1] [--sensor-size H,W] [--compare] [--json PATH]
+                       [--window-us T0,T1] [--sensor-size H,W] [--trust-pickle] [--compare] [--json PATH]
 
 What it does, in order:
 
 1. Reads the clip (``.npy``/``.pt`` uint8 [T, H, W, 3] or [T, 3, H, W]; ``.mp4`` and other containers
    when PyAV is installed) and samples the target's number of frames uniformly (first to last frame).
 2. Reads the events (DSEC ``.h5`` with an optional ``--window-us`` in file time, or an EventGPT
-   ``.npy``), rasterises them with ``events_to_frames(representation="eventgpt")`` into the drafter's
+   ``.npy``, read with a restricted unpickler unless ``--trust-pickle``), rasterises them with ``events_to_frames(representation="eventgpt")`` into the drafter's
    ``num_frames`` frames and preprocesses those to its CLIP image size (``preprocess_event_frames``).
-3. Loads the target (``VideoLlavaForConditionalGeneration``), the drafter (``EventGPTForCausalLM``) with
-   its tokenizer, and the adapter, and checks that the two tokenizers agree on every id both models
-   share.
+3. Reads both models' configs (no weights), the tokenizers and the adapter, checks that the two
+   tokenizers agree on every id both models share and preprocesses the prompt, then loads the target
+   (``VideoLlavaForConditionalGeneration``) and the drafter (``EventGPTForCausalLM``): every input is
+   checked before any model weights are read.
 4. Builds the prompts: the target's ``"USER: <video>\\n{question} ASSISTANT:"`` and the drafter's
    Vicuna-v1 prompt (``EventGPTPromptBuilder``), runs ``CrossSpecEngine.generate`` and prints the
    answer and its statistics. ``--compare`` first runs ``target.generate`` greedily on the same inputs
@@ -32,8 +33,9 @@ processor's up to resampling round-off, and the token ids exactly. ``auto`` (def
 and falls back to ``builtin`` (with a note on stderr) when the processor cannot be imported or the
 folder has no processor files.
 
-User errors (missing files, wrong types, unreadable checkpoints, mismatched vocabularies) end with one
-line on stderr and exit status 2.
+User errors (missing files, wrong types, unreadable checkpoints, mismatched vocabularies, a pickle
+naming code) end with one line on stderr and exit status 2. Status lines (loading, generating, the
+baseline) go to stderr; stdout holds only the summary, the answer and its statistics.
 
 numpy, torch, transformers and the models are imported inside the functions that run the command:
 ``crossspec --help`` builds this parser and must not pay for them.
@@ -50,7 +52,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from crossspec_kernels.cli_common import add_command
+from crossspec_kernels.cli_common import add_command, output_file
 from crossspec_kernels.generate_inputs import (
     BuiltinVideoProcessor,
     GenerateError,
@@ -170,6 +172,12 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     inputs.add_argument("--events", required=True, metavar="FILE", help="DSEC events .h5 or EventGPT .npy")
     inputs.add_argument("--question", required=True, help="the question about the clip")
     inputs.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load an EventGPT .npy --events file with the full pickle: it may run any code the file "
+        "names, so only for files you trust (default: only dicts, lists and numpy arrays are built)",
+    )
+    inputs.add_argument(
         "--window-us",
         type=parse_window,
         metavar="T0,T1",
@@ -276,6 +284,42 @@ def _model_type(folder: Path, what: str) -> str:
     return str(config.get("model_type"))
 
 
+def _config_from_pretrained(cls, folder: Path, what: str):
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # transformers raises many types for a config it cannot build
+        raise GenerateError(
+            f"{what} {folder}: cannot read its config ({type(error).__name__}: {_first_line(error)})"
+        ) from error
+
+
+def load_target_config(folder: Path):
+    """The target's config (no weights read), after checking that the folder holds a Video-LLaVA."""
+    from transformers import VideoLlavaConfig
+
+    model_type = _model_type(folder, "--target")
+    if model_type != "video_llava":
+        raise GenerateError(
+            f"--target {folder}: holds a {model_type!r} model; expected a Video-LLaVA folder "
+            "(model_type 'video_llava', VideoLlavaForConditionalGeneration)"
+        )
+    return _config_from_pretrained(VideoLlavaConfig, folder, "--target")
+
+
+def load_drafter_config(folder: Path):
+    """The drafter's config (no weights read), after checking that the folder holds an EventGPT drafter."""
+    from crossspec_kernels.models.eventgpt import EventGPTConfig
+
+    model_type = _model_type(folder, "--drafter")
+    if model_type != EventGPTConfig.model_type:
+        raise GenerateError(
+            f"--drafter {folder}: holds a {model_type!r} model; expected an EventGPTForCausalLM folder "
+            f"(model_type {EventGPTConfig.model_type!r}; convert an original EventGPT checkpoint with "
+            "crossspec_kernels.models.eventgpt_convert, then save_pretrained)"
+        )
+    return _config_from_pretrained(EventGPTConfig, folder, "--drafter")
+
+
 def _from_pretrained(cls, folder: Path, what: str, dtype: torch.dtype, device: torch.device):
     try:
         model = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
@@ -351,10 +395,11 @@ def check_vocabularies(target_tokenizer, drafter_tokenizer, target_vocab: int, d
 
 
 def load_adapter_checked(folder: str, drafter, target, dtype: torch.dtype, device: torch.device):
+    """The adapter in ``folder`` (None: identity), checked against the models' (or configs') hidden sizes."""
     from crossspec_kernels.models.adapters import load_adapter
 
-    d_draft = int(drafter.config.get_text_config().hidden_size)
-    d_target = int(target.config.get_text_config().hidden_size)
+    d_draft = int(getattr(drafter, "config", drafter).get_text_config().hidden_size)
+    d_target = int(getattr(target, "config", target).get_text_config().hidden_size)
     if folder is None:
         if d_draft != d_target:
             raise GenerateError(
@@ -386,7 +431,9 @@ def missing_processor_dependencies() -> list[str]:
 
 
 def target_preprocessor(mode: str, folder: Path, target):
-    """(callable(text, frames) -> target inputs, its tokenizer, a description, a note or None)."""
+    """(callable(text, frames) -> target inputs, its tokenizer, a description, a note or None).
+
+    ``target``: the Video-LLaVA model or its config (only the config is read)."""
     has_processor_files = any((folder / name).is_file() for name in PROCESSOR_FILES)
     note = None
     missing = missing_processor_dependencies()
@@ -498,6 +545,11 @@ def _run_baseline(target, target_inputs, max_new_tokens, eos, device) -> tuple[t
     return output[0, prompt_len:].cpu(), (time.perf_counter() - start) * 1e3
 
 
+def _status(message: str) -> None:
+    """A progress line on stderr, so stdout (the answer, the statistics) stays clean for pipes."""
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Run a parsed ``generate`` command; a user error prints one line on stderr and exits with 2."""
     try:
@@ -524,9 +576,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise GenerateError("--question is empty")
     if args.json:
-        json_parent = Path(args.json).resolve().parent
-        if not json_parent.is_dir():
-            raise GenerateError(f"--json {args.json}: folder {json_parent} does not exist")
+        output_file(args.json, "--json")
+    if args.profile:  # the trace is written after the run: its folder must exist now
+        output_file(args.profile, "--profile")
     device = resolve_device(args.device)
     dtype = (
         getattr(torch, args.dtype)
@@ -537,16 +589,18 @@ def _run(args: argparse.Namespace) -> int:
     draft = args.tree or args.gamma or ChainDraft(DEFAULT_GAMMA)
     torch.manual_seed(args.seed)
 
-    events, window = load_events(args.events, args.window_us, args.sensor_size)
+    # Every input file, config, tokenizer and the adapter, before any model weights are read.
+    events, window = load_events(
+        args.events, args.window_us, args.sensor_size, trust_pickle=args.trust_pickle
+    )
     if len(events) == 0:
         raise GenerateError(f"--events {args.events}: no events in the window [{window[0]}, {window[1]}) µs")
-
-    target = load_target(target_dir, dtype, device)
-    drafter = load_drafter(drafter_dir, dtype, device)
-    num_frames, _ = target_num_frames(target)
+    target_config = load_target_config(target_dir)
+    drafter_config = load_drafter_config(drafter_dir)
+    num_frames, per_frame = target_num_frames(target_config)
     video, clip_length = load_video(args.video, num_frames)
     preprocess, target_tokenizer, preprocess_name, note = target_preprocessor(
-        args.processor, target_dir, target
+        args.processor, target_dir, target_config
     )
     if note:
         print(f"{PROG}: note: {note}", file=sys.stderr)
@@ -554,20 +608,30 @@ def _run(args: argparse.Namespace) -> int:
     shared = check_vocabularies(
         target_tokenizer,
         drafter_tokenizer,
-        int(target.config.get_text_config().vocab_size),
-        int(drafter.config.text_config.vocab_size),
+        int(target_config.get_text_config().vocab_size),
+        int(drafter_config.text_config.vocab_size),
     )
-    adapter = load_adapter_checked(args.adapter, drafter, target, dtype, device)
-
-    # Inputs.
     target_inputs = preprocess(TARGET_TEMPLATE.format(question=args.question), video)
-    video_tokens = int((target_inputs["input_ids"] == target.config.video_token_index).sum())
-    expected_tokens = int(target_inputs["pixel_values_videos"].shape[1]) * target_num_frames(target)[1]
+    video_tokens = int((target_inputs["input_ids"] == target_config.video_token_index).sum())
+    expected_tokens = int(target_inputs["pixel_values_videos"].shape[1]) * per_frame
     if video_tokens != expected_tokens:
         raise GenerateError(
             f"--target {target_dir}: the processor expands <video> to {video_tokens} tokens, but the model "
             f"encodes {expected_tokens} (patch size or extra tokens per frame disagree with the model config)"
         )
+    adapter = load_adapter_checked(args.adapter, drafter_config, target_config, dtype, device)
+
+    # Models.
+    _status(f"loading target from {target_dir} ...")
+    start = time.perf_counter()
+    target = load_target(target_dir, dtype, device)
+    _status(f"loaded target in {time.perf_counter() - start:.1f} s")
+    _status(f"loading drafter from {drafter_dir} ...")
+    start = time.perf_counter()
+    drafter = load_drafter(drafter_dir, dtype, device)
+    _status(f"loaded drafter in {time.perf_counter() - start:.1f} s")
+
+    # Inputs on the device.
     target_inputs = {
         key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         for key, value in target_inputs.items()
@@ -611,8 +675,15 @@ def _run(args: argparse.Namespace) -> int:
     eos = getattr(target.generation_config, "eos_token_id", None)
     baseline = None
     if args.compare:  # before the engine switches the target's attention to "crossspec"
+        _status(f"baseline: target.generate greedy, up to {args.max_new_tokens} tokens ...")
         baseline_tokens, baseline_ms = _run_baseline(target, target_inputs, args.max_new_tokens, eos, device)
+        _status(f"baseline: {len(baseline_tokens)} tokens in {baseline_ms / 1e3:.1f} s")
 
+    _status(
+        f"generating (CrossSpecEngine, {_describe_draft(draft)}, backend {args.backend}), up to "
+        f"{args.max_new_tokens} tokens ..."
+    )
+    start = time.perf_counter()
     try:
         engine = CrossSpecEngine(target, drafter, adapter, draft=draft, backend=backend)
         _sync(device)
@@ -627,6 +698,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise GenerateError(f"the engine refused the inputs: {error}") from error
     tokens = output.sequences[0].cpu()
+    _status(f"generated {len(tokens)} tokens in {time.perf_counter() - start:.1f} s")
     answer = target_tokenizer.decode(tokens, skip_special_tokens=True).strip()
     stats = output.stats
 

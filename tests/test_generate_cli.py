@@ -442,3 +442,123 @@ def test_malformed_options_are_argparse_errors(files, capsys, overrides, message
         generate_cli.main(_argv(files, **overrides))
     assert info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+class _CreatesFile:
+    """A pickle payload: unpickling it calls open(path, "w"), so the file's existence tells whether it ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _planted_events(files, marker) -> str:
+    """A well-formed EventGPT dict {'x', 'y', 't', 'p'} with one extra entry whose unpickling runs code."""
+    events = _events().as_numpy()
+    events["extra"] = _CreatesFile(marker)
+    path = files["root"] / f"planted_{marker.name}.npy"
+    np.save(path, events, allow_pickle=True)
+    return str(path)
+
+
+def _no_models(monkeypatch):
+    """Loading a model from here on fails the test: it says which checks ran before any weights."""
+
+    def refuse(folder, *args, **kwargs):
+        raise AssertionError(f"a model was loaded from {folder} before the inputs were checked")
+
+    monkeypatch.setattr(generate_cli, "load_target", refuse)
+    monkeypatch.setattr(generate_cli, "load_drafter", refuse)
+
+
+def test_planted_pickle_is_refused_without_trust_pickle(files, capsys, monkeypatch):
+    from crossspec_kernels import cli, cli_common
+
+    _no_models(monkeypatch)
+    marker = files["root"] / "payload_ran"
+    argv = _argv(files, events=_planted_events(files, marker))
+    with pytest.raises(SystemExit) as info:  # through the `crossspec` entry point itself
+        cli.main(argv)
+    assert info.value.code == cli_common.EXIT_USAGE == 2
+    assert "2  usage error" in cli_common.EXIT_CODES_HELP
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("crossspec generate: error: --events ")
+    assert re.search(r"refers to \S*open, .*refusing to load it.*--trust-pickle", err[-1]), err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not marker.exists()
+
+
+def test_trust_pickle_reaches_the_loader(files, monkeypatch):
+    """--trust-pickle loads the same file with the full pickle (the payload runs: the flag is real)."""
+
+    class ModelsReached(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise ModelsReached
+
+    monkeypatch.setattr(generate_cli, "load_target", stop)
+    marker = files["root"] / "trusted_payload_ran"
+    with pytest.raises(ModelsReached):
+        generate_cli.main(_argv(files, events=_planted_events(files, marker), trust_pickle=True))
+    assert marker.exists()
+
+
+def test_trust_pickle_help_warns_about_code(capsys):
+    with pytest.raises(SystemExit):
+        generate_cli.main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"--trust-pickle .*may run any code", help_text), help_text
+
+
+# Every user error but unreadable weights (found only by reading them) comes before any model loads.
+@pytest.mark.parametrize("case", [case for case in BAD_INPUTS if case != "unreadable target weights"])
+def test_inputs_are_checked_before_any_model_loads(files, capsys, monkeypatch, case):
+    make, message = BAD_INPUTS[case]
+    if not HAVE_H5PY and "events_h5" in str(make(files).get("events", "")):
+        pytest.skip("h5py is not installed: DSEC files cannot be written")
+    if case == "mp4 without PyAV":
+        monkeypatch.setitem(sys.modules, "av", None)
+    if case == "--processor hf without pillow":
+        monkeypatch.setattr(generate_cli, "missing_processor_dependencies", lambda: ["torchvision"])
+    _no_models(monkeypatch)
+    with pytest.raises(SystemExit, match=message) as info:
+        generate_cli.main(_argv(files, **make(files)))
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("flag", ["json", "profile"])
+def test_output_folders_are_checked_before_any_model_loads(files, capsys, monkeypatch, flag):
+    _no_models(monkeypatch)
+    missing = files["root"] / "no_such_folder" / "out.file"
+    with pytest.raises(SystemExit, match=rf"--{flag} .*no_such_folder.* does not exist") as info:
+        generate_cli.main(_argv(files, **{flag: missing}))
+    assert info.value.code == 2
+
+
+def test_status_lines_go_to_stderr_only(files, capsys):
+    out_json = files["root"] / "status.json"
+    assert generate_cli.main(_argv(files, gamma=2, compare=True, json=out_json, processor="builtin")) == 0
+    captured = capsys.readouterr()
+    target, drafter = files["target"], files["drafter"]
+    expected = [
+        rf"loading target from {re.escape(str(target))} \.\.\.",
+        r"loaded target in \d+\.\d s",
+        rf"loading drafter from {re.escape(str(drafter))} \.\.\.",
+        r"loaded drafter in \d+\.\d s",
+        r"baseline: target\.generate greedy, up to 6 tokens \.\.\.",
+        r"baseline: 6 tokens in \d+\.\d s",
+        r"generating \(CrossSpecEngine, chain gamma=2, backend reference\), up to 6 tokens \.\.\.",
+        r"generated 6 tokens in \d+\.\d s",
+    ]
+    status = [line for line in captured.err.splitlines() if line.startswith("crossspec generate: ")]
+    status = [line for line in status if not line.startswith("crossspec generate: note: ")]
+    assert len(status) == len(expected), status
+    for line, pattern in zip(status, expected):  # in this order
+        assert re.fullmatch(rf"crossspec generate: {pattern}", line), (line, pattern)
+    for word in ("loading", "loaded", "generating", "generated", "baseline:"):
+        assert word not in captured.out
+    assert "Q: What is happening?" in captured.out and "identical tokens" in captured.out
+    assert json.loads(out_json.read_text())["compare"]["identical"] is True

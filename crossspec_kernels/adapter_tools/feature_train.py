@@ -258,7 +258,15 @@ def _save_checkpoint(path: Path, head, optimizer, scheduler, step: int, history:
 
 
 def _load_checkpoint(path: Path, head, optimizer, scheduler, config) -> tuple[int, list]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: tensors and plain containers only, so a planted file cannot run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError for a refused global, others for a bad file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"train_feature_head: cannot resume from {path}: it is not a checkpoint this function writes "
+            f"(tensors and plain values only; {type(error).__name__}: {first_line}). Delete it, or pass "
+            "another checkpoint_dir"
+        ) from error
     if state["head_config"] != head.config.to_dict():
         raise ValueError(
             f"train_feature_head: checkpoint {path} is for head config {state['head_config']}, "

@@ -39,6 +39,17 @@ def check_int(name: str, value, low: int) -> int:
     return value
 
 
+def check_positions(target, prompt_width: int, max_new_tokens: int) -> None:
+    """The prompt and the answer fit the target's position range (also bounds the KV cache, which
+    is allocated for the whole answer up front)."""
+    limit = getattr(text_config(target), "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_width + max_new_tokens > limit:
+        raise ValueError(
+            f"{_OP}.generate: max_new_tokens={max_new_tokens} after a {prompt_width}-token prompt exceeds "
+            f"the target's max_position_embeddings ({limit}); at most {max(limit - prompt_width, 0)} fit"
+        )
+
+
 def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{_OP}.generate: {name} must be one of {choices}, got {value!r}")
@@ -126,7 +137,7 @@ def check_inputs(engine, target_inputs, drafter_inputs) -> tuple[dict, dict | No
             first = real.to(torch.int8).argmax(-1)  # a row's first real token
             left_padded = real == (torch.arange(real.shape[1], device=real.device) >= first[:, None])
             empty, right, holes = torch.stack(
-                [~real.any(-1).any(), ~real[:, -1].all(), ~left_padded.all()]
+                [(~real.any(-1)).any(), ~real[:, -1].all(), ~left_padded.all()]
             ).tolist()  # one read per request, before any model runs
             if empty:
                 raise ValueError(f"{_OP}.generate: {name}['attention_mask'] has a row with no real token")

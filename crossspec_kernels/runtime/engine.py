@@ -35,6 +35,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -212,6 +213,7 @@ class CrossSpecEngine:
         pad_token_id: int | None = None,
         profile: bool | str = False,
         controlled_acceptance: ControlledAcceptance | None = None,
+        on_commit=None,
     ) -> GenerateOutput:
         """Generate up to ``max_new_tokens`` tokens per row.
 
@@ -235,6 +237,8 @@ class CrossSpecEngine:
                 the file. Its path is stats["trace"].
             controlled_acceptance: benchmarks only: replace each chain draft by the target's own
                 token with a chosen probability (``runtime.controlled``); greedy chains only.
+            on_commit: ``on_commit(row, tokens)`` after every round, with the token ids (a list)
+                row ``row`` committed in it (streaming). Costs a device read per row and round.
 
         Returns:
             GenerateOutput(sequences [B, T], stats) with stats: acceptance_rate (accepted drafts /
@@ -245,8 +249,17 @@ class CrossSpecEngine:
             stage; target.prefill includes target.vision), rounds, fallback, fallback_reason,
             device, step_mode, per_position_acceptance (alpha_k = P(draft at depth k accepted |
             depths < k accepted), over rounds that drafted depth k), drafters (per drafter,
-            "event" and "feature": rounds, drafted depth, accepted, acceptance_rate).
+            "event" and "feature": rounds, drafted depth, accepted, acceptance_rate),
+            accepted_length_histogram (entry k: row rounds that drafted and accepted k drafts).
         """
+        trace_path = None if profile is False else ("crossspec_trace.json" if profile is True else profile)
+        if trace_path is not None and not isinstance(trace_path, str):
+            raise ValueError(f"{_OP}.generate: profile must be a bool or a file path, got {profile!r}")
+        folder = os.path.dirname(os.path.abspath(trace_path)) if trace_path is not None else None
+        if folder is not None and not os.path.isdir(folder):
+            raise ValueError(f"{_OP}.generate: profile={profile!r}: folder {folder!r} does not exist")
+        if on_commit is not None and not callable(on_commit):
+            raise ValueError(f"{_OP}.generate: on_commit must be callable, got {type(on_commit).__name__}")
         run = _Run(
             self,
             target_inputs,
@@ -257,9 +270,7 @@ class CrossSpecEngine:
             pad_token_id,
         )
         run.set_controlled_acceptance(controlled_acceptance)
-        trace_path = None if profile is False else ("crossspec_trace.json" if profile is True else profile)
-        if trace_path is not None and not isinstance(trace_path, str):
-            raise ValueError(f"{_OP}.generate: profile must be a bool or a file path, got {profile!r}")
+        run.on_commit = on_commit
         profiler = contextlib.nullcontext()
         if trace_path is not None:
             activities = [torch.profiler.ProfilerActivity.CPU]
@@ -285,6 +296,7 @@ class _Run:
         self.target_inputs, self.drafter_inputs = checks.check_inputs(engine, target_inputs, drafter_inputs)
         self.batch = batch = self.target_inputs["input_ids"].shape[0]
         self.max_new_tokens = checks.check_int("max_new_tokens", max_new_tokens, 1)
+        checks.check_positions(engine.target, self.target_inputs["input_ids"].shape[1], self.max_new_tokens)
         temperature, seed, sampling = sampling
         self.temperature = checks.check_temperature(temperature)
         self.seeds = checks.check_seeds(seed, batch)  # the same 64 bits as int64s, Philox keys
@@ -356,6 +368,9 @@ class _Run:
         self.offered_at: list[int] = []
         self.accepted_at: list[int] = []
         self.by_drafter = {"event": [0, 0, 0], "feature": [0, 0, 0]}
+        self.accepted_hist: list[int] = []  # row rounds that drafted, by drafts accepted
+        self.drafter_finite: torch.Tensor | None = None  # of the proposal about to be verified
+        self.on_commit = None
         self.proposer = "event"  # which model drafted the proposal being verified
 
     def set_controlled_acceptance(self, controlled: ControlledAcceptance | None) -> None:
@@ -426,7 +441,12 @@ class _Run:
         self._join(self.target_stream, self.drafter_stream)
         _handoff(proposal, self.target_stream)
         with self._on(self.target_stream):
-            return self.verifier.step(root, proposal)
+            verdict = self.verifier.step(root, proposal, self.drafter_finite)
+        self.drafter_finite = None
+        if not verdict.drafter_finite and self.fallback_reason is None:
+            self.fallback_reason = "FloatingPointError: the drafter's hidden states are not finite (NaN/inf)"
+            logger.warning("crossspec: %s; finishing with target-only decoding", self.fallback_reason)
+        return verdict
 
     def _draft(self, verdict: Verdict, proposal: Proposal | None) -> Proposal | None:
         """The drafter's turn (the feature head's, with one): read the committed tokens, then
@@ -442,6 +462,8 @@ class _Run:
             model.pending, verdict, self.verifier.active, self.verifier.active_host, fed
         )
         hidden = None if pending is None else self._drafter_call(model.catch_up, pending)
+        if hidden is not None:  # read with the next round's counts (Verifier.step)
+            self.drafter_finite = torch.isfinite(hidden).all()
         return None if hidden is None else self._drafter_call(self._propose, model, hidden)
 
     def _propose(self, model: DraftModel, hidden) -> Proposal:
@@ -556,12 +578,17 @@ class _Run:
                 drafter_counts[0] += 1
                 drafter_counts[1] += depth
                 drafter_counts[2] += accepted
+                if accepted >= len(self.accepted_hist):
+                    self.accepted_hist += [0] * (accepted + 1 - len(self.accepted_hist))
+                self.accepted_hist[accepted] += 1
             if first:
                 self.first_accepted[row] = accepted
             take = accepted + 1 if eos_at < 0 else eos_at + 1
             take = min(take, self.max_new_tokens - self.lengths[row])
             self.pieces[row].append(verdict.tokens[row, :take].clone())
             self.lengths[row] += take
+            if self.on_commit is not None and take > 0:
+                self.on_commit(row, self.pieces[row][-1].tolist())
             if eos_at >= 0 or self.lengths[row] >= self.max_new_tokens:
                 self.finished[row] = True
                 self.verifier.finish(row)
@@ -598,6 +625,7 @@ class _Run:
             "device": str(self.device),
             "step_mode": self.engine.step_mode,
             "sampling": "greedy" if self.temperature == 0 else self.sampling,
+            "accepted_length_histogram": list(self.accepted_hist),
             "per_position_acceptance": [
                 accepted / offered if offered else 0.0
                 for accepted, offered in zip(self.accepted_at, self.offered_at)

@@ -4,8 +4,8 @@
 ``speculative_decode``; everything else (stage timing, streams, prefill hiding, fallback,
 statistics, the drafter's turn) wraps it in ``engine.py``.
 
-Host reads: exactly one per round, the accepted counts and each row's first end-of-sequence
-position ([2, B] ints). They size the next forwards and decide when to stop; nothing else in a
+Host reads: exactly one per round, the accepted counts, each row's first end-of-sequence
+position and whether the drafter's hidden states were finite ([3, B] ints). They size the next forwards and decide when to stop; nothing else in a
 round reads a device value. Per-round buffers (verify's outputs, per-row temperature, seed and
 offset) live on the device and are reused.
 """
@@ -35,6 +35,7 @@ class Verdict(NamedTuple):
     # [B, N+1, d] with Verifier.keep_features: the target's features (final hidden states) of the
     # root, then of the accepted nodes in order; the inputs of a feature head next to ``tokens``.
     features: torch.Tensor | None = None
+    drafter_finite: bool = True  # the ``finite`` flag step() was given, read with the counts
 
 
 class Verifier:
@@ -94,9 +95,13 @@ class Verifier:
             self.prompt_hidden, self._root_feature = hidden, hidden[:, -1]
         return self.root_logits
 
-    def step(self, root: torch.Tensor | None, proposal: Proposal) -> Verdict:
+    def step(
+        self, root: torch.Tensor | None, proposal: Proposal, finite: torch.Tensor | None = None
+    ) -> Verdict:
         """Verify ``proposal`` after ``root`` [B] (None: the root is the prompt's last token, in the
-        cache already, and its logits are the prefill's); commit the accepted path and the bonus."""
+        cache already, and its logits are the prefill's); commit the accepted path and the bonus.
+        ``finite``: a device bool the drafter computed (its hidden states were finite), read in the
+        round's one host read rather than in a read of its own."""
         cache = self.cache
         block, depth, tree, tree_start = self._block(root, proposal)
         hidden, logits = self.forward(block, depth, tree, first=root is None)
@@ -106,7 +111,8 @@ class Verifier:
         committed = torch.arange(result.tokens.shape[1], device=block.device) <= result.num_accepted[:, None]
         is_eos = committed & torch.isin(result.tokens, self.eos)
         first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), -1)
-        accepted, eos_at = torch.stack([result.num_accepted, first_eos]).tolist()  # the round's one read
+        flag = torch.ones_like(first_eos) if finite is None else finite.expand_as(first_eos).long()
+        accepted, eos_at, ok = torch.stack([result.num_accepted, first_eos, flag]).tolist()  # one read
         self.generated = self.generated + result.num_accepted + 1
         starts = [length - (root is None) for length in cache.host_lengths]
         cache.set_lengths(
@@ -117,7 +123,7 @@ class Verifier:
             ],
         )
         features = self._features(hidden, result.path, root is None) if self.keep_features else None
-        return Verdict(result.tokens, result.num_accepted, accepted, eos_at, hidden, features)
+        return Verdict(result.tokens, result.num_accepted, accepted, eos_at, hidden, features, bool(ok[0]))
 
     # the round's three parts (the engine wraps each in a timed stage) -------------------------
     def forward(self, block, depth, tree, *, first: bool):
