@@ -162,6 +162,17 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "--drafter", required=True, metavar="DIR", help="EventGPTForCausalLM folder with its tokenizer"
     )
     models.add_argument("--adapter", metavar="DIR", help="adapter folder (default: identity)")
+    models.add_argument(
+        "--feature-head",
+        metavar="DIR",
+        help="a B1 feature head (EAGLE-style, on the target's own features) that drafts from the first "
+        "verification on; the event drafter then drafts only during the target's prefill",
+    )
+    models.add_argument(
+        "--draft-vocab",
+        metavar="FILE",
+        help="JSON list of target token ids the feature head may propose (e.g. its draft_vocab.json)",
+    )
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument(
         "--video",
@@ -204,6 +215,12 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "--temperature", type=_temperature, default=0.0, metavar="T", help="sampling temperature, 0 = greedy"
     )
     run.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed")
+    run.add_argument(
+        "--sampling",
+        choices=("rejection", "coupled"),
+        default="rejection",
+        help="rejection: most accepted drafts; coupled: the answer depends on the seed only (runtime.sampling)",
+    )
     run.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
     run.add_argument(
         "--dtype",
@@ -420,6 +437,44 @@ def load_adapter_checked(folder: str, drafter, target, dtype: torch.dtype, devic
     return adapter.eval()
 
 
+def load_feature_head_checked(folder: str | None, target, dtype: torch.dtype, device: torch.device):
+    """The B1 feature head in ``folder`` (None: none), checked against the target's config."""
+    from crossspec_kernels.models.adapters import load_adapter
+
+    if folder is None:
+        return None
+    try:
+        head = load_adapter(folder, device=device, dtype=dtype, expected_kind="b1")
+    except (FileNotFoundError, ValueError) as error:
+        raise GenerateError(f"--feature-head {folder}: {error}") from error
+    text = getattr(target, "config", target).get_text_config()
+    mine = (head.config.d_target, head.config.vocab_size)
+    if mine != (int(text.hidden_size), int(text.vocab_size)):
+        raise GenerateError(
+            f"--feature-head {folder}: a head for hidden size {mine[0]} and vocabulary {mine[1]}, but the "
+            f"target has {text.hidden_size} and {text.vocab_size}"
+        )
+    return head.eval()
+
+
+def load_draft_vocab(path: str) -> torch.Tensor:
+    """--draft-vocab: a JSON list of distinct token ids (checked against the vocabulary by the engine)."""
+    import torch
+
+    existing_file(path, "--draft-vocab")
+    try:
+        ids = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise GenerateError(f"--draft-vocab {path}: not a JSON list of token ids ({error})") from error
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+    ):
+        raise GenerateError(f"--draft-vocab {path}: expected a non-empty JSON list of ints")
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 # ----------------------------------------------------------------------------------------------
 # Target preprocessing
 # ----------------------------------------------------------------------------------------------
@@ -571,6 +626,11 @@ def _run(args: argparse.Namespace) -> int:
     drafter_dir = existing_dir(args.drafter, "--drafter")
     if args.adapter is not None:
         existing_dir(args.adapter, "--adapter")
+    if args.feature_head is not None:
+        existing_dir(args.feature_head, "--feature-head")
+    elif args.draft_vocab is not None:
+        raise GenerateError("--draft-vocab needs --feature-head (it restricts the head's proposals)")
+    draft_vocab = None if args.draft_vocab is None else load_draft_vocab(args.draft_vocab)
     existing_file(args.video, "--video")
     existing_file(args.events, "--events")
     if not args.question.strip():
@@ -620,6 +680,7 @@ def _run(args: argparse.Namespace) -> int:
             f"encodes {expected_tokens} (patch size or extra tokens per frame disagree with the model config)"
         )
     adapter = load_adapter_checked(args.adapter, drafter_config, target_config, dtype, device)
+    head = load_feature_head_checked(args.feature_head, target_config, dtype, device)
 
     # Models.
     _status(f"loading target from {target_dir} ...")
@@ -685,7 +746,15 @@ def _run(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     try:
-        engine = CrossSpecEngine(target, drafter, adapter, draft=draft, backend=backend)
+        engine = CrossSpecEngine(
+            target,
+            drafter,
+            adapter,
+            draft=draft,
+            backend=backend,
+            feature_head=head,
+            draft_vocab=None if draft_vocab is None else draft_vocab.to(device),
+        )
         _sync(device)
         output = engine.generate(
             target_inputs,
@@ -693,6 +762,7 @@ def _run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             seed=args.seed,
+            sampling=args.sampling,
             profile=args.profile or False,
         )
     except ValueError as error:
@@ -740,6 +810,9 @@ def _run(args: argparse.Namespace) -> int:
                 "target": str(target_dir),
                 "drafter": str(drafter_dir),
                 "adapter": args.adapter,
+                "feature_head": args.feature_head,
+                "draft_vocab": args.draft_vocab,
+                "sampling": args.sampling,
                 "video": args.video,
                 "events": args.events,
                 "window_us": list(window),

@@ -128,6 +128,24 @@ def files(tmp_path_factory):
     )
     save_adapter(build_adapter(AdapterConfig(kind="linear", d_draft=32, d_target=hidden)), paths["narrow"])
 
+    torch.manual_seed(4)
+    text = target.config.text_config
+    head = build_adapter(
+        AdapterConfig(
+            kind="b1",
+            d_draft=text.hidden_size,
+            d_target=text.hidden_size,
+            vocab_size=text.vocab_size,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=text.num_key_value_heads,
+            intermediate_size=text.intermediate_size,
+        )
+    )
+    paths["head"] = root / "head"
+    head.save_pretrained(paths["head"])
+    paths["draft_vocab"] = root / "draft_vocab.json"
+    paths["draft_vocab"].write_text(json.dumps(list(range(3, 60))))
+
     gen = torch.Generator().manual_seed(3)
     clip = torch.randint(0, 256, (11, 20, 26, 3), generator=gen, dtype=torch.uint8)  # [T, H, W, 3]
     paths["video"] = root / "clip.npy"
@@ -211,6 +229,45 @@ def test_chain_with_compare_and_json(files, capsys):
     assert payload["settings"]["draft"] == "chain gamma=3"
     assert 0.0 <= payload["stats"]["acceptance_rate"] <= 1.0
     assert payload["answer"] == payload["compare"]["answer"]
+
+
+def test_feature_head_drafts_after_the_prefill_and_output_is_the_targets(files, capsys):
+    out_json = files["root"] / "head.json"
+    argv = _argv(
+        files,
+        gamma=3,
+        compare=True,
+        json=out_json,
+        processor="builtin",
+        feature_head=files["head"],
+        draft_vocab=files["draft_vocab"],
+    )
+    assert generate_cli.main(argv) == 0
+    payload = json.loads(out_json.read_text())
+    assert payload["compare"]["identical"] is True
+    assert payload["settings"]["feature_head"] == str(files["head"])
+    assert payload["stats"]["drafters"]["feature"]["row_rounds"] > 0  # the head drafted
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"draft_vocab": "x.json"}, "--draft-vocab needs --feature-head"),
+        ({"feature_head": "adapter"}, "--feature-head"),  # a linear adapter, not a b1 head
+    ],
+)
+def test_feature_head_errors(files, capsys, overrides, message):
+    overrides = {k: files.get(v, v) for k, v in overrides.items()}
+    with pytest.raises(SystemExit, match=message) as info:
+        generate_cli.main(_argv(files, **overrides))
+    assert info.value.code == 2
+
+
+def test_coupled_sampling_flag_reaches_the_engine(files):
+    out_json = files["root"] / "coupled.json"
+    argv = _argv(files, temperature=0.5, seed=7, sampling="coupled", json=out_json, processor="builtin")
+    assert generate_cli.main(argv) == 0
+    assert json.loads(out_json.read_text())["stats"]["sampling"] == "coupled"
 
 
 def test_tree_with_dsec_window_adapter_and_channels_first_video(files, capsys):
