@@ -30,7 +30,7 @@ def custom_generate(
     drafter_inputs=None,
     adapter=None,
     draft=None,
-    free_token_budget: int = 16,
+    free_token_budget: int = 32,
     seed: int | None = None,
     sampling: str = "rejection",
     backend: str | None = None,

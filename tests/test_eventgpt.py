@@ -109,9 +109,10 @@ def test_token_counts_of_presets_and_layouts():
     assert tiny.event_token_index == VOCAB_SIZE  # one past the vocabulary: never generated
     assert eventgpt_config("tiny", original_layout=True).num_event_tokens == 5 + 5  # N + (P + CLS)
     assert eventgpt_config("tiny", include_frame_tokens=False).num_event_tokens == 5 + 4
-    assert eventgpt_config("7b").num_event_tokens == 5 * 256 + 5 + 256
-    assert eventgpt_config("7b", original_layout=True).num_event_tokens == 5 + 257
-    assert eventgpt_config("1b", num_frames=8).num_event_tokens == 8 * 256 + 8 + 256
+    assert eventgpt_config("7b").num_event_tokens == 5 + 257  # the original layout by default
+    assert eventgpt_config("7b", original_layout=False).num_event_tokens == 5 * 256 + 5 + 256
+    assert eventgpt_config("1b", num_frames=8, original_layout=False).num_event_tokens == 8 * 256 + 8 + 256
+    assert eventgpt_config("1b", num_frames=8).num_event_tokens == 8 + 257
 
 
 def test_aggregation_layout():

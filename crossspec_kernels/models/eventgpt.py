@@ -17,12 +17,14 @@ Event token layout (``T_event = config.num_event_tokens``), P = patch tokens per
     [ mean over the N frames of patch token p, p = 0..P-1 ]              P    ("spatial" tokens)
 
     T_event = (N*P if include_frame_tokens else 0) + N + P
-    7b/1b presets (224 px, patch 14, N = 5): 5*256 + 5 + 256 = 1541;  tiny (16 px, patch 8): 5*4 + 5 + 4 = 29.
+    224 px, patch 14, N = 5, per-frame layout: 5*256 + 5 + 256 = 1541;  tiny (16 px, patch 8): 5*4 + 5 + 4 = 29.
 
 The original EventGPT uses the last two blocks only (``include_frame_tokens=False``), keeps the CLS
 token (strategy "full") and takes CLIP's last hidden state (``vision_feature_layer=-1``): N + 257 = 262
-tokens for 5 frames. ``eventgpt_config(name, original_layout=True)`` selects exactly that, which is the
-layout an original checkpoint (see :mod:`crossspec_kernels.models.eventgpt_convert`) was trained with.
+tokens for 5 frames. The 7b/1b presets default to exactly that (``original_layout=True``), the layout an
+original checkpoint (see :mod:`crossspec_kernels.models.eventgpt_convert`) was trained with and the one
+the research timed (a short event prompt leaves the drafter more of the target's prefill to draft in);
+``original_layout=False`` gives the per-frame layout (1,541 tokens). "tiny" defaults to per-frame.
 
 Placeholder convention (the HF >= 4.47 / 5.x LLaVA style): the prompt holds the event placeholder id
 ``config.event_token_index`` repeated ``T_event`` times, one per event token, so the prompt length is
@@ -243,7 +245,7 @@ def clip_vit_l14_224_config() -> CLIPVisionConfig:
     )
 
 
-def eventgpt_config(name: str, *, original_layout: bool = False, **overrides) -> EventGPTConfig:
+def eventgpt_config(name: str, *, original_layout: bool | None = None, **overrides) -> EventGPTConfig:
     """A preset configuration; building it allocates no weights.
 
     - "7b": Vicuna-7B LM (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000) + CLIP ViT-L/14
@@ -253,11 +255,15 @@ def eventgpt_config(name: str, *, original_layout: bool = False, **overrides) ->
     - "tiny": test shape: vocab 128 (testing_models.VOCAB_SIZE), hidden 64, 2 layers, 4 heads over 2 kv
       heads of head dim 16; CLIP 16 px images, patch 8, hidden 32, 2 layers.
 
-    ``original_layout=True`` selects the original EventGPT token layout (last CLIP layer, CLS kept, no
-    per-frame tokens). ``overrides`` are EventGPTConfig arguments.
+    ``original_layout``: True, the original EventGPT token layout (last CLIP layer, CLS kept, no
+    per-frame tokens: 262 event tokens at 224 px); False, the per-frame layout (1,541); None, the
+    preset's default (original for "7b" / "1b", per-frame for "tiny"). ``overrides`` are
+    EventGPTConfig arguments.
     """
     if name not in PRESETS:
         raise ValueError(f"eventgpt_config: unknown preset {name!r}; choose one of {PRESETS}")
+    if original_layout is None:
+        original_layout = name != "tiny"
     if name == "tiny":
         from crossspec_kernels.testing_models import IMAGE_SIZE, PATCH_SIZE, tiny_llama_config
 
@@ -853,7 +859,7 @@ class EventGPTForCausalLM(EventGPTPreTrainedModel, GenerationMixin):
         See :func:`crossspec_kernels.models.eventgpt_convert.convert_eventgpt_state_dict` for the key
         mapping. ``vision_tower_state_dict``: CLIP weights (dict, or a local CLIP checkpoint directory)
         for checkpoints saved without their tower. ``config`` must match the checkpoint (for the
-        original layout use ``eventgpt_config("7b", original_layout=True)``).
+        original layout use ``eventgpt_config("7b")``, the preset's default).
         """
         from crossspec_kernels.models.eventgpt_convert import load_original_checkpoint
 

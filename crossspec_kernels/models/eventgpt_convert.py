@@ -20,7 +20,7 @@ Q-Former of the original (``model.query_embeddings``, ``model.query_embedder.*``
 
 The original computes event features from CLIP's last hidden state with the CLS token and feeds
 N per-frame means + 257 temporal means: build the config with
-``eventgpt_config("7b", original_layout=True)`` to reproduce it.
+``eventgpt_config("7b")`` (the preset's default layout) to reproduce it.
 """
 
 from __future__ import annotations
