@@ -9,8 +9,8 @@
 #    a bare `torch` requirement would pull a multi-GB CUDA build), then the wheel, letting pip
 #    resolve the other dependencies from pyproject.toml, and runs `pip check`.
 # 3. From a folder outside the source tree (so the checkout is not what gets imported) runs
-#    `crossspec --help`, `crossspec demo --help` and `import crossspec_kernels; from crossspec_kernels
-#    import verify`.
+#    `crossspec --help`, `crossspec demo --help`, `import crossspec_kernels; from crossspec_kernels
+#    import verify`, `crossspec info` and a short `crossspec demo`.
 # Everything lives in one temporary folder, removed on exit.
 #
 # Environment: BUILD_PYTHON (the interpreter whose pip builds the wheel, default .venv/bin/python),
@@ -106,5 +106,15 @@ if not callable(verify):
     sys.exit(f"wheel_smoke: crossspec_kernels.verify is {verify!r}, not a function")
 print(f"wheel_smoke: crossspec_kernels {crossspec_kernels.__version__} from {location}")
 EOF
+
+step "crossspec info"
+crossspec info >"$tmp/info.txt" || fail "crossspec info exited with status $?"
+grep -q "^crossspec_kernels" "$tmp/info.txt" || fail "crossspec info printed no package line"
+sed 's/^/wheel_smoke:   /' "$tmp/info.txt"
+
+step "crossspec demo --train-clips 8 --epochs 2 --backend reference (a short demo)"
+crossspec demo --train-clips 8 --epochs 2 --backend reference --json "$tmp/demo.json" >"$tmp/demo.txt" ||
+  { cat "$tmp/demo.txt"; fail "crossspec demo exited with status $? (1: outputs differ)"; }
+tail -n 5 "$tmp/demo.txt" | sed 's/^/wheel_smoke:   /'
 
 step "OK: the wheel installs into a fresh venv and runs"
