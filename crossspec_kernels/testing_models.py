@@ -127,3 +127,29 @@ def left_pad(sequences: list[torch.Tensor], pad_id: int = PAD_TOKEN_ID) -> tuple
         input_ids[row, width - len(seq) :] = seq
         attention_mask[row, width - len(seq) :] = 1
     return input_ids, attention_mask
+
+
+def video_batch() -> dict:
+    """The engine tests' batch: two left-padded video prompts of different lengths, with videos."""
+    ids, mask = left_pad([video_prompt(3, 5, seed=0), video_prompt(1, 2, seed=1)])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=tiny_video(2, seed=3))
+
+
+def single_row(inputs: dict, row: int) -> dict:
+    """Row ``row`` of a :func:`video_batch`-style batch on its own, without its padding."""
+    mask = inputs["attention_mask"][row].bool()
+    return dict(
+        input_ids=inputs["input_ids"][row][mask][None],
+        attention_mask=torch.ones(1, int(mask.sum()), dtype=torch.int64),
+        pixel_values_videos=inputs["pixel_values_videos"][row : row + 1],
+    )
+
+
+def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    """``model`` with relative Gaussian noise on every weight (in place): a drafter that often agrees."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=gen)
+            parameter.add_(noise * scale * parameter.std().clamp_min(1e-3))
+    return model

@@ -41,22 +41,15 @@ def target():
 
 @pytest.fixture(scope="module")
 def drafter():
-    return perturbed(tm.tiny_video_llava(seed=0), 0.3, seed=5)
+    return tm.perturbed(tm.tiny_video_llava(seed=0), 0.3, seed=5)
 
 
 @pytest.fixture(scope="module")
 def batch_inputs():
-    ids, mask = tm.left_pad([tm.video_prompt(3, 5, seed=0), tm.video_prompt(1, 2, seed=1)])
-    return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=tm.tiny_video(2, seed=3))
+    return tm.video_batch()
 
 
-def single(inputs: dict, row: int) -> dict:
-    mask = inputs["attention_mask"][row].bool()
-    return dict(
-        input_ids=inputs["input_ids"][row][mask][None],
-        attention_mask=torch.ones(1, int(mask.sum()), dtype=torch.int64),
-        pixel_values_videos=inputs["pixel_values_videos"][row : row + 1],
-    )
+single = tm.single_row
 
 
 def target_alone(model, inputs: dict, seed) -> torch.Tensor:

@@ -28,16 +28,6 @@ DRAFTS = [
 ]
 
 
-def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
-    """The model with relative Gaussian noise on every weight: a drafter that often agrees."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            noise = torch.randn(parameter.shape, generator=gen)
-            parameter.add_(noise * scale * parameter.std().clamp_min(1e-3))
-    return model
-
-
 @pytest.fixture(scope="module")
 def reference_model():
     return tm.tiny_video_llava(seed=0)  # eager attention, never touched by the engine
@@ -51,17 +41,11 @@ def target():
 @pytest.fixture(scope="module")
 def batch_inputs():
     """Two left-padded video prompts of different lengths."""
-    ids, mask = tm.left_pad([tm.video_prompt(3, 5, seed=0), tm.video_prompt(1, 2, seed=1)])
-    return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=tm.tiny_video(2, seed=3))
+    return tm.video_batch()
 
 
-def single(inputs: dict, row: int) -> dict:
-    mask = inputs["attention_mask"][row].bool()
-    return dict(
-        input_ids=inputs["input_ids"][row][mask][None],
-        attention_mask=torch.ones(1, int(mask.sum()), dtype=torch.int64),
-        pixel_values_videos=inputs["pixel_values_videos"][row : row + 1],
-    )
+single = tm.single_row
+perturbed = tm.perturbed
 
 
 def drafter_and_inputs(kind: str, target_inputs: dict):

@@ -43,8 +43,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def batch_inputs():
-    ids, mask = tm.left_pad([tm.video_prompt(3, 5, seed=0), tm.video_prompt(1, 2, seed=1)])
-    return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=tm.tiny_video(2, seed=3))
+    return tm.video_batch()
 
 
 def expected(reference_model, inputs: dict) -> torch.Tensor:
