@@ -391,6 +391,24 @@ def test_save_requires_config(tmp_path):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path)
 
 
+def test_save_onto_a_file_names_the_path_and_argument(tmp_path):
+    """A file where the directory should be used to raise a raw FileExistsError from os.makedirs."""
+    adapter = build_adapter(AdapterConfig("linear", 8, 12))
+    a_file = tmp_path / "adapter.bin"
+    a_file.write_bytes(b"not a directory")
+    with pytest.raises(
+        ValueError, match=r"save_pretrained: directory '.*adapter\.bin' exists and is not a directory"
+    ):
+        save_pretrained(adapter, a_file)
+    with pytest.raises(ValueError, match=r"save_pretrained: directory '.*adapter\.bin' exists"):
+        adapter.save_pretrained(str(a_file))
+    with pytest.raises(ValueError, match=r"save_pretrained: cannot create directory '.*adapter\.bin.sub'"):
+        save_pretrained(adapter, a_file / "sub")
+    assert a_file.read_bytes() == b"not a directory"  # left untouched
+    save_pretrained(adapter, tmp_path / "fresh" / "nested")  # new directories are still created
+    assert (tmp_path / "fresh" / "nested" / WEIGHTS_NAME).is_file()
+
+
 def test_gradients_flow():
     for kind, overrides in (
         ("linear", {}),

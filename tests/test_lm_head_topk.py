@@ -108,6 +108,80 @@ def test_exact_ties_keep_the_lower_id_first(backend, dtype):
     torch.testing.assert_close(logprobs, torch.full((2, 16), -torch.log(torch.tensor(1000.0)).item()))
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+def assert_same_as_reference_exactly(out, hidden, weight, k, *, temperature=1.0, return_probs=False):
+    """Ids equal the reference's, log-probs (and probs) agree with NaN where it has NaN, ids in [0, V)."""
+    logprobs, ids, probs = out
+    ref_logprobs, ref_ids, ref_probs = reference.lm_head_topk(
+        hidden.to(weight.dtype), weight, k, temperature=temperature, return_probs=return_probs
+    )
+    vocab = weight.shape[0]
+    assert bool(((ids >= 0) & (ids < vocab)).all()), f"ids out of [0, {vocab}): {ids.tolist()}"
+    assert ids.tolist() == ref_ids.tolist()
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=ATOL, rtol=1e-5, equal_nan=True)
+    if return_probs:
+        torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("return_probs", [False, True])
+def test_non_finite_hidden_rows_follow_the_reference(backend, dtype, return_probs):
+    """A NaN or inf anywhere in a hidden row makes the reference's log_softmax NaN in every column
+    (NaN logits, or inf - inf); its stable sort then keeps ids 0..k-1. Every backend must give
+    exactly that (the triton kernel used to return id 2**31 - 1), and leave the finite rows alone.
+    V = 1000 spans several tiles and splits."""
+    hidden, weight = make_inputs(7, 1000, 64, dtype, hidden_dtype=dtype, seed=21)
+    hidden[0, 5] = NAN
+    hidden[1, 17] = INF
+    hidden[2, 40] = -INF
+    hidden[3] = NAN
+    hidden[5] = INF
+    out = lm_head_topk(hidden, weight, 5, return_probs=return_probs, backend=backend)
+    assert_same_as_reference_exactly(out, hidden, weight, 5, return_probs=return_probs)
+    logprobs, ids, probs = out
+    poisoned = [0, 1, 2, 3, 5]
+    assert ids[poisoned].tolist() == [list(range(5))] * len(poisoned)
+    assert bool(logprobs[poisoned].isnan().all()) and not bool(logprobs[[4, 6]].isnan().any())
+    if return_probs:
+        assert bool(probs[poisoned].isnan().all()) and bool(probs[[4, 6]].isfinite().all())
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_minus_inf_logits_sort_last_with_the_lowest_ids(backend):
+    """-inf logits (a -inf LM-head entry) are not NaN: the reference keeps a finite log-softmax and
+    sorts the -inf ids after the finite ones, lowest first. Only ids 500 and 501 are finite here,
+    so whole tiles and splits hold nothing but -inf (their partial sums used to be NaN), and k = 6
+    reaches into the -inf ids 0..3. A row of only -inf logits is NaN in the reference."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.rand(3, 64, generator=gen) + 0.5  # positive: -inf * h stays -inf
+    weight = torch.zeros(1000, 64)
+    weight[:, 0] = -INF
+    weight[500:502] = torch.randn(2, 64, generator=gen)
+    hidden[2, :] = 1.0
+    weight_all_minus_inf = weight.clone()
+    weight_all_minus_inf[500:502] = 0.0
+    weight_all_minus_inf[500:502, 0] = -INF
+    out = lm_head_topk(hidden, weight, 6, return_probs=True, backend=backend)
+    assert_same_as_reference_exactly(out, hidden, weight, 6, return_probs=True)
+    assert sorted(out[1][0, :2].tolist()) == [500, 501] and out[1][0, 2:].tolist() == [0, 1, 2, 3]
+    assert bool(out[0][:, :2].isfinite().all()) and bool((out[0][:, 2:] == -INF).all())
+    out = lm_head_topk(hidden, weight_all_minus_inf, 3, return_probs=True, backend=backend)
+    assert_same_as_reference_exactly(out, hidden, weight_all_minus_inf, 3, return_probs=True)
+    assert out[1].tolist() == [[0, 1, 2]] * 3 and bool(out[0].isnan().all())
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 100])
+def test_triton_non_finite_rows_at_every_split_count(num_splits):
+    hidden, weight = make_inputs(4, 1000, 64, torch.float32, seed=8)
+    hidden[1, 3] = NAN
+    hidden[2, 0] = -INF
+    out = triton_lm_head_topk.lm_head_topk(hidden, weight, 8, 1.0, True, num_splits=num_splits)
+    assert_same_as_reference_exactly(out, hidden, weight, 8, return_probs=True)
+
+
 def test_mixed_dtypes_cast_hidden_to_the_weight_dtype():
     hidden, weight = make_inputs(5, 1000, 64, torch.float16, hidden_dtype=torch.float32, seed=11)
     out = lm_head_topk(hidden, weight, 4, backend="triton")

@@ -361,7 +361,18 @@ def save_pretrained(adapter: nn.Module, directory: str | os.PathLike) -> None:
             f"save_pretrained: adapter must have an AdapterConfig in .config, got {type(config).__name__}"
         )
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(
+            f"save_pretrained: directory {directory!r} exists and is not a directory (it is a file); "
+            "pass a new or existing directory path"
+        )
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:  # a parent component is a file
+        raise ValueError(
+            f"save_pretrained: cannot create directory {directory!r}: a component of the path is a file "
+            f"({error.strerror})"
+        ) from error
     skipped = set(_keys_not_saved(adapter))
     tensors = {
         name: t.detach().to("cpu").contiguous()

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from crossspec_kernels.triton._launch import interpreter_serialized
+
 MAX_ROWS = 64
 MAX_RANK = 1024
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
@@ -176,6 +178,7 @@ def launch_plan(num_rows: int, d_out: int, rank: int, dtype: torch.dtype) -> Lau
     return LaunchPlan(block_m, block_n, block_k, block_r, triton.cdiv(d_out, block_n), num_warps, 2)
 
 
+@interpreter_serialized
 def bottleneck_adapter(
     x: torch.Tensor,
     norm_weight: torch.Tensor | None,

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from crossspec_kernels.triton._launch import interpreter_serialized
+
 _MAX_BLOCK_D = 256
 _TILE_ELEMENTS = 4096  # BLOCK_N * BLOCK_D: 32 elements per thread at 4 warps
 MAX_GRID_YZ = 65535  # CUDA's limit on grid.y (request rows) and grid.z (tensors of a launch)
@@ -136,6 +138,7 @@ def _pointer_table(tensors: list[torch.Tensor]) -> torch.Tensor:
     return table
 
 
+@interpreter_serialized
 def compact_kv(
     caches: list[torch.Tensor],
     path: torch.Tensor,

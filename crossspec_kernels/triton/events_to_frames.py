@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from crossspec_kernels.reference import VOXEL_FIXED_POINT_BITS
+from crossspec_kernels.triton._launch import interpreter_serialized
 
 EVENT_BLOCK = 1024  # events per program of a scatter pass
 PIXEL_BLOCK = 1024  # pixels (or cells) per program of a conversion pass
@@ -132,6 +133,7 @@ def _voxel_convert_kernel(acc_ptr, out_ptr, num_cells, SCALE: tl.constexpr, BLOC
     tl.store(out_ptr + offs, acc.to(tl.float32) * SCALE, mask=live)
 
 
+@interpreter_serialized
 def events_to_frames(
     x: torch.Tensor,
     y: torch.Tensor,

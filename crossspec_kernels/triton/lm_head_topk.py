@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from crossspec_kernels.triton._launch import interpreter_serialized
+
 MAX_ROWS = 64  # M: one row block, so W is read once
 MAX_K = 16
 MIN_BLOCK_M = 16  # tl.dot needs M >= 16
@@ -140,16 +142,23 @@ def _lm_head_topk_split_kernel(
                 logits,
                 mask=row_ok[:, None] & id_ok[None, :],
             )
-        # Online log-sum-exp (natural base, as the reference). Every tile holds at least one id
-        # < vocab, so m_new is finite and no -inf - -inf appears.
+        # Online log-sum-exp (natural base, as the reference). While every logit so far is -inf
+        # (-inf logits are legal: a -inf weight entry), subtract 0 instead of m_new, so that
+        # exp(-inf - -inf) = NaN cannot poison a row that has finite logits elsewhere. A NaN or +inf
+        # logit does make l_i NaN (exp(NaN), exp(inf - inf)): the merge turns that into the
+        # reference's all-NaN row.
         tile_max = tl.max(logits, axis=1)
         m_new = tl.maximum(m_i, tile_max)
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_sub) + tl.sum(tl.exp(logits - m_sub[:, None]), axis=1)
         m_i = m_new
         # Skip the top-k rounds when no real row's tile maximum beats its k-th best so far (tile ids
-        # are all higher than the running ones, so an equal value cannot enter).
+        # are all higher than the running ones, so an equal value cannot enter), unless the k-th
+        # best is -inf: then an empty slot (or a -inf logit) may still take a -inf logit of this
+        # tile, as the reference's stable sort puts -inf ids after the finite ones, lowest first.
         kth = tl.min(run_v, axis=1)
-        if tl.max(tl.where(row_ok, (tile_max > kth).to(tl.int32), 0)) > 0:
+        wants_tile = (tile_max > kth) | (kth == float("-inf"))
+        if tl.max(tl.where(row_ok, wants_tile.to(tl.int32), 0)) > 0:
             tile_i = tl.where(id_ok, ids.to(tl.int32), 2147483647)
             tile_i = tl.broadcast_to(tile_i[None, :], (BLOCK_M, BLOCK_V))
             run_v, run_i = _merge_topk(run_v, run_i, logits, tile_i, K_PAD)
@@ -184,7 +193,12 @@ def _lm_head_topk_merge_kernel(
     m_s = tl.load(part_max_ptr + part_row, mask=split_ok, other=float("-inf"))
     l_s = tl.load(part_sum_ptr + part_row, mask=split_ok, other=0.0)
     m = tl.max(m_s, axis=0)
-    lse = m + tl.log(tl.sum(l_s * tl.exp(m_s - m), axis=0))
+    m_sub = tl.where(m == float("-inf"), 0.0, m)  # all -inf: lse = -inf, not NaN (see the split)
+    lse = m + tl.log(tl.sum(l_s * tl.exp(m_s - m_sub), axis=0))
+    # The reference's log_softmax is NaN in every column when a row has a NaN or +inf logit (then
+    # lse is NaN here) or only -inf logits (lse = -inf); its stable sort then keeps ids 0..k-1.
+    # Follow it exactly, so a non-finite hidden row never yields an id outside [0, V).
+    defined = lse > float("-inf")
 
     # Candidates of every split as one [1, SPLITS_PAD * K_PAD] row; K_PAD rounds pick the best.
     offs_c = tl.arange(0, SPLITS_PAD * K_PAD)
@@ -199,9 +213,11 @@ def _lm_head_topk_merge_kernel(
 
     cols = tl.arange(0, K_PAD)[None, :]
     out_mask = cols < k
-    tl.store(logprobs_ptr + row * k + cols, top_v - lse, mask=out_mask)
+    top_v = tl.where(defined, top_v - lse, float("nan"))
+    top_i = tl.where(defined, top_i, cols)
+    tl.store(logprobs_ptr + row * k + cols, top_v, mask=out_mask)
     tl.store(ids_ptr + row * k + cols, top_i.to(tl.int64), mask=out_mask)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + row, tl.where(defined, lse, float("nan")))  # probs: all NaN, as the reference
 
 
 @triton.jit
@@ -288,6 +304,7 @@ def merge_num_warps(splits_pad: int, k_pad: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+@interpreter_serialized
 def lm_head_topk(
     hidden: torch.Tensor,
     weight: torch.Tensor,

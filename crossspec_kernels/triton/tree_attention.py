@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from crossspec_kernels.triton._launch import interpreter_serialized
+
 HEAD_DIMS = (64, 80, 96, 128)
 MAX_QUERIES = 128  # Q, tree nodes per request: the packed mask holds at most 4 words per row
 
@@ -405,6 +407,7 @@ def _launch_plan(
 # ----------------------------------------------------------------------------------------------
 
 
+@interpreter_serialized
 def tree_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -34,6 +34,7 @@ from crossspec_kernels.reference import (
     PHILOX_W1,
     VerifyBuffers,
 )
+from crossspec_kernels.triton._launch import interpreter_serialized
 
 # Triton kernels may only read module globals that are constexpr.
 _ACCEPT_COUNTER = tl.constexpr(ACCEPT_COUNTER)
@@ -370,6 +371,7 @@ def _verify_walk_kernel(
         )
 
 
+@interpreter_serialized
 def verify(
     target_logits: torch.Tensor,
     draft_tokens: torch.Tensor,
