@@ -1,9 +1,13 @@
-"""Helpers shared by the op microbenchmarks in bench/: device and peak bandwidth, timing, results.
+"""The one harness of bench/: arguments, device and environment, timing, checked backends, tables, JSON.
 
-Every ``bench/bench_<op>.py`` reports median with p20/p80, achieved GB/s and % of the device's HBM
-bandwidth, with its baseline measured in the same run, and writes a JSON that names the device,
-software versions, command, git commit and date (CONVENTIONS.md, Benchmarks). On a machine without
-a GPU the benchmarks run a smoke mode: tiny shapes, a few iterations, and no speed claim.
+Every ``bench/bench_<op>.py`` states only its cases (configs, inputs, backends, checks) and hands them
+to :func:`run_op_benchmark` (script mode) and :func:`pytest_benchmark` (pytest mode): each backend is
+checked against the reference before it is timed, median with p20/p80, GB/s and % of the device's HBM
+bandwidth are reported with the baselines of the same run, and the JSON names the device, software
+versions, command, git commit and date (CONVENTIONS.md, Benchmarks). The end-to-end benchmarks
+(bench_e2e, bench_overlap) share :func:`e2e_arg_parser`, :func:`quantiles` and the generate helpers
+here, and their models from ``bench/models.py``. On a machine without a GPU every benchmark runs a
+smoke mode: tiny shapes, a few iterations, and no speed claim.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import importlib.util
 import json
 import os
@@ -34,6 +39,7 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 if importlib.util.find_spec("crossspec_kernels") is None:
     sys.path.append(str(REPO_ROOT))
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80: the order triton.testing.do_bench returns them in
 
 SMOKE_BANNER = (
@@ -209,6 +215,19 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def quantiles(values) -> dict | None:
+    """{"median", "p20", "p80"} of the values that are not None (None when there are none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return dict(zip(("median", "p20", "p80"), (_quantile(values, q) for q in QUANTILES)))
+
+
+def median(values):
+    found = quantiles(values)
+    return None if found is None else found["median"]
+
+
 def bandwidth_gbps(num_bytes: int, microseconds: float) -> float:
     return num_bytes / (microseconds * 1e-6) / 1e9
 
@@ -217,21 +236,124 @@ def percent_of_peak(gbps: float, device: DeviceInfo) -> float | None:
     return None if device.peak_gbps is None else 100.0 * gbps / device.peak_gbps
 
 
-def benchmark_synced(benchmark, fn: Callable[[], object], device: torch.device, *, smoke: bool) -> None:
-    """Run ``fn`` under the pytest-benchmark fixture, waiting for the GPU after every call.
+def timing_fields(timing: Timing, num_bytes: int, info: DeviceInfo, *, peak: bool = True) -> dict:
+    """A row's time columns: median/p20/p80 us, GB/s, % of HBM peak, and how it was timed."""
+    gbps = bandwidth_gbps(num_bytes, timing.median_us)
+    return dict(
+        median_us=timing.median_us,
+        p20_us=timing.p20_us,
+        p80_us=timing.p80_us,
+        gbps=gbps,
+        pct_peak=percent_of_peak(gbps, info) if peak else None,
+        timing_method=timing.method,
+    )
 
-    pytest-benchmark times with the host clock, so on a GPU each round synchronizes (the sync's few
-    microseconds are in its numbers; the do_bench numbers in extra_info are the kernel times).
-    """
 
-    def run() -> None:
-        fn()
-        synchronize(device)
+# ----------------------------------------------------------------------------------------------
+# Backends: which of ours can run here, and one config measured over all of them
+# ----------------------------------------------------------------------------------------------
 
-    if smoke:
-        benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
-    else:
-        benchmark.pedantic(run, rounds=100, iterations=1, warmup_rounds=10)
+
+def kernel_backends(wanted: Sequence[str] = ("cuda", "triton")) -> tuple[list[str], list[str]]:
+    """The package's GPU backends among ``wanted`` that can run here, and notes on the others."""
+    from crossspec_kernels import _ext
+    from crossspec_kernels.ops._dispatch import triton_available
+
+    chosen, notes = [], []
+    if "cuda" in wanted:
+        if _ext.is_available():
+            chosen.append("cuda")
+        else:
+            notes.append("cuda: crossspec_kernels._C is not built (see `crossspec info`)")
+    if "triton" in wanted:
+        if triton_available():
+            chosen.append("triton")
+        else:
+            notes.append("triton: not installed")
+    return chosen, notes
+
+
+ORACLE_NOTE = "reference: run once per config as the correctness oracle, not timed"
+
+
+def extension_built() -> bool:
+    from crossspec_kernels import _ext
+
+    return _ext.is_available()
+
+
+def config_fields(config, *, drop: Sequence[str] = (), **rename: str) -> dict:
+    """A row's description of a config dataclass: its fields (``rename``: field=new key), dtypes by
+    short name."""
+    fields = {}
+    for name, value in dataclasses.asdict(config).items():
+        if name not in drop:
+            fields[rename.get(name, name)] = (
+                DTYPE_NAMES.get(value, value) if isinstance(value, torch.dtype) else value
+            )
+    return fields
+
+
+def measure_backends(
+    config,
+    backends: Sequence[str],
+    prepare: Callable[[str], tuple[Callable[[], object], dict, list[str] | None]],
+    *,
+    device: torch.device,
+    info: DeviceInfo,
+    quick: bool,
+    num_bytes: int,
+    fields: dict,
+    optional: Sequence[str] = (),
+    host_timed: Sequence[str] = (),
+) -> tuple[list[dict], list[str]]:
+    """One row per backend: ``prepare(backend) -> (fn, extra fields, problems or None)`` makes one
+    untimed call and checks it (warming up compiles too); then ``fn`` is timed. A backend that raises
+    becomes an error row (a problem unless it is ``optional``), so it never loses the others' numbers.
+    ``host_timed`` backends are host code: wall clock whatever the device, no % of HBM peak."""
+    rows, problems = [], []
+    for backend in backends:
+        row = dict(config=str(config), **fields, backend=backend, bytes=num_bytes)
+        try:
+            fn, extra, found = prepare(backend)
+            row.update(extra)
+            if found is not None:
+                row["checks"] = "ok" if not found else "; ".join(found)
+                problems += [f"{config} {backend}: {p}" for p in found]
+            host = backend in host_timed
+            timing = time_cpu(fn, iterations=2 if quick else 5) if host else time_fn(fn, device, quick=quick)
+        except Exception as error:  # one broken backend must not lose the others' numbers
+            row["error"] = f"{type(error).__name__}: {str(error)[:500]}"
+            if backend not in optional:
+                problems.append(f"{config} {backend}: {row['error']}")
+            rows.append(row)
+            continue
+        row.update(timing_fields(timing, num_bytes, info, peak=not host))
+        rows.append(row)
+    return rows, problems
+
+
+def add_speedups(rows: list[dict], baselines: Sequence[str], *, only: Sequence[str] | None = None) -> None:
+    """``speedup_vs_<baseline>`` = baseline median / row median, on every timed row (or ``only``)."""
+    times = {row["backend"]: row["median_us"] for row in rows if "median_us" in row}
+    for row in rows:
+        if "median_us" in row and (only is None or row["backend"] in only):
+            for baseline in baselines:
+                if baseline in times:
+                    row[f"speedup_vs_{baseline}"] = times[baseline] / row["median_us"]
+
+
+def run_configs(configs, run_config) -> tuple[list[dict], list[str]]:
+    """Run ``run_config(config) -> (rows, problems)`` over every config, printing each row's time."""
+    all_rows, problems = [], []
+    for config in configs:
+        rows, found = run_config(config)
+        all_rows += rows
+        problems += found
+        for row in rows:
+            shown = f"{row['median_us']:.1f} us" if "median_us" in row else row.get("error", "")
+            print(f"  {config}  {row['backend']:<11} {shown}", flush=True)
+    return all_rows, problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,6 +431,11 @@ def default_results_path(op: str, device: DeviceInfo) -> Path:
     return RESULTS_DIR / f"{op}-{device.slug}-{day}.json"
 
 
+def results_path(out: str, op: str, device: DeviceInfo) -> Path:
+    """``--out``: a JSON path, or a directory to write <op>-<device>-<date>.json into."""
+    return Path(out, default_results_path(op, device).name) if os.path.isdir(out) else Path(out)
+
+
 def write_results(path: str | os.PathLike, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,6 +463,20 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
     return "\n".join(text)
 
 
+def op_columns(*extra: tuple[str, str, str], gbps: str = ".1f", pct: str = "% HBM") -> tuple:
+    """The op tables' columns: config, backend, median/p20/p80, GB/s, % HBM, then ``extra``."""
+    return (
+        ("config", "config", ""),
+        ("backend", "backend", ""),
+        ("median_us", "median us", ".1f"),
+        ("p20_us", "p20 us", ".1f"),
+        ("p80_us", "p80 us", ".1f"),
+        ("gbps", "GB/s", gbps),
+        ("pct_peak", pct, ".1f"),
+        *extra,
+    )
+
+
 def script_arg_parser(op: str, description: str) -> argparse.ArgumentParser:
     """The options every benchmark script takes; scripts add their own baselines' switches."""
     parser = argparse.ArgumentParser(description=description)
@@ -356,9 +497,7 @@ def finish_run(
     op: str, out: str | None, smoke: bool, info: DeviceInfo, payload: dict, problems: list[str]
 ) -> int:
     """Write the results JSON (always on a GPU, on CPU only when asked), report problems, exit code."""
-    path = out or (None if smoke else default_results_path(op, info))
-    if path and os.path.isdir(path):
-        path = os.path.join(path, default_results_path(op, info).name)
+    path = results_path(out, op, info) if out else (None if smoke else default_results_path(op, info))
     if path:
         print(f"wrote {write_results(path, payload)}")
     elif smoke:
@@ -378,19 +517,6 @@ def start_run(args: argparse.Namespace) -> tuple[torch.device, bool, DeviceInfo]
         print(SMOKE_BANNER)
     print(f"device: {info.name}; peak bandwidth: {info.peak_source}")
     return device, smoke, info
-
-
-def run_configs(configs, run_config) -> tuple[list[dict], list[str]]:
-    """Run ``run_config(config) -> (rows, problems)`` over every config, printing each row's time."""
-    all_rows, problems = [], []
-    for config in configs:
-        rows, found = run_config(config)
-        all_rows += rows
-        problems += found
-        for row in rows:
-            shown = f"{row['median_us']:.1f} us" if "median_us" in row else row.get("error", "")
-            print(f"  {config}  {row['backend']:<11} {shown}", flush=True)
-    return all_rows, problems
 
 
 def results_payload(
@@ -413,3 +539,305 @@ def results_payload(
         results=rows,
         problems=problems,
     )
+
+
+def report_and_finish(op, args, smoke, info, backends, notes, rows, problems, **details) -> int:
+    """Print the smoke banner (again, below the tables), build the payload, write it, exit code."""
+    if smoke:
+        print(SMOKE_BANNER)
+    payload = results_payload(op, smoke, info, backends, notes, rows, problems, **details)
+    return finish_run(op, args.out, smoke, info, payload, problems)
+
+
+def run_op_benchmark(
+    op: str,
+    args: argparse.Namespace,
+    backends_for: Callable[[torch.device, bool], tuple[list[str], list[str]]],
+    configs: Callable[..., list],
+    measure: Callable,
+    columns: Sequence[tuple[str, str, str]],
+    *,
+    after: Callable[[list[dict], torch.device, DeviceInfo, list[str]], tuple[dict, list[str]]] | None = None,
+    **details,
+) -> int:
+    """Script mode of an op benchmark: device, backends, every config measured, table, JSON, exit code.
+
+    ``backends_for(device, smoke) -> (timed, notes)``; ``measure(config, device, info, backends,
+    quick=) -> (rows, problems)``; ``after(rows, device, info, backends) -> (details, problems)`` prints
+    and measures whatever comes after the main table (a second table, goals)."""
+    device, smoke, info = start_run(args)
+    backends, notes = backends_for(device, smoke)
+    print(f"timed: {', '.join(backends)}" + "".join(f"\nnot timed: {note}" for note in notes))
+    rows, problems = run_configs(
+        configs(smoke=smoke, quick=args.quick),
+        lambda config: measure(config, device, info, backends, quick=args.quick),
+    )
+    print()
+    print(format_table(rows, columns))
+    if after is not None:
+        more, found = after(rows, device, info, backends)
+        details.update(more)
+        problems += found
+    return report_and_finish(op, args, smoke, info, backends, notes, rows, problems, **details)
+
+
+# ----------------------------------------------------------------------------------------------
+# pytest mode: `pytest bench/` (bench/conftest.py collects bench_*.py)
+# ----------------------------------------------------------------------------------------------
+
+PYTEST_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PYTEST_SMOKE = PYTEST_DEVICE.type != "cuda"
+
+
+def benchmark_synced(benchmark, fn: Callable[[], object], device: torch.device, *, smoke: bool) -> None:
+    """Run ``fn`` under the pytest-benchmark fixture, waiting for the GPU after every call.
+
+    pytest-benchmark times with the host clock, so on a GPU each round synchronizes (the sync's few
+    microseconds are in its numbers; the do_bench numbers in extra_info are the kernel times).
+    """
+
+    def run() -> None:
+        fn()
+        synchronize(device)
+
+    if smoke:
+        benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
+    else:
+        benchmark.pedantic(run, rounds=100, iterations=1, warmup_rounds=10)
+
+
+def pytest_benchmark(benchmark, fn: Callable[[], object], config, num_bytes: int, *, host=False, **extra):
+    """A checked ``fn`` under pytest-benchmark; on a GPU also its do_bench time, GB/s and % of peak
+    in extra_info (``host``: host code, pytest-benchmark's own clock only)."""
+    info = describe_device(PYTEST_DEVICE)
+    benchmark.group = str(config)
+    benchmark.extra_info.update(device=info.name, smoke_test=PYTEST_SMOKE, bytes=num_bytes, **extra)
+    if not PYTEST_SMOKE and not host:
+        fields = timing_fields(time_fn(fn, PYTEST_DEVICE), num_bytes, info)
+        benchmark.extra_info.update(
+            do_bench_median_us=fields["median_us"],
+            do_bench_p20_us=fields["p20_us"],
+            do_bench_p80_us=fields["p80_us"],
+            gbps=fields["gbps"],
+            pct_peak=fields["pct_peak"],
+        )
+    benchmark_synced(benchmark, fn, PYTEST_DEVICE, smoke=PYTEST_SMOKE or host)
+
+
+def raise_recompile_limit(limit: int = 256) -> None:
+    """One graph per shape (dynamic=False): raise dynamo's recompile limit above the number of configs,
+    or it would quietly fall back to eager after the default 8."""
+    import torch._dynamo
+
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), limit))
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end (bench_e2e, bench_overlap): arguments, timed generate calls, summaries, token checks
+# ----------------------------------------------------------------------------------------------
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from error
+
+
+def name_list(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
+def e2e_arg_parser(
+    op: str, description: str, *, drafters: Sequence[str], defaults: dict
+) -> argparse.ArgumentParser:
+    """The end-to-end benchmarks' options; ``defaults`` holds the help text of the preset-dependent
+    defaults (keys: preset, drafters, max_new_tokens, repeats, free_token_budget)."""
+    parser = script_arg_parser(op, description)
+    parser.add_argument("--preset", choices=("tiny", "7b"), help=defaults["preset"])
+    parser.add_argument(
+        "--drafters",
+        type=name_list,
+        help=f"7b preset: drafters from {','.join(drafters)} ({defaults['drafters']})",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help=f"tokens per request ({defaults['max_new_tokens']})"
+    )
+    parser.add_argument("--repeats", type=int, help=f"timed runs per variant ({defaults['repeats']})")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (1)")
+    parser.add_argument(
+        "--free-token-budget", type=int, default=defaults.get("free_token_budget_value"),
+        help=f"engine free_token_budget ({defaults['free_token_budget']})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--backend",
+        choices=("cuda", "triton", "reference"),
+        help="force the engine's kernel backend (default: by device)",
+    )
+    return parser
+
+
+def check_e2e_args(parser, args, drafters: Sequence[str]) -> argparse.Namespace:
+    """Argument errors name the flag; the preset defaults to 7b with CUDA, tiny without."""
+    if args.drafters is not None and any(name not in drafters for name in args.drafters):
+        parser.error(f"--drafters: choose from {','.join(drafters)}, got {','.join(args.drafters)}")
+    for name in ("repeats", "free_token_budget", "max_new_tokens"):
+        value, least = getattr(args, name), 2 if name == "max_new_tokens" else 1
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if args.preset is None:
+        args.preset = "7b" if torch.cuda.is_available() and not args.cpu else "tiny"
+    if args.preset == "7b" and (args.cpu or not torch.cuda.is_available()):
+        parser.exit(
+            2, f"{parser.prog} --preset 7b needs a CUDA device; use --preset tiny for the CPU smoke test\n"
+        )
+    return args
+
+
+class TokenClock:
+    """A generate() streamer: the time the first new tokens reach the host, and the number of puts."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.puts: list[float] = []
+
+    def put(self, value) -> None:
+        self.puts.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def ttft_ms(self) -> float | None:
+        # The first put is the prompt; the second carries the first new token(s).
+        return (self.puts[1] - self.start) * 1e3 if len(self.puts) > 1 else None
+
+    @property
+    def rounds(self) -> int:
+        return max(len(self.puts) - 1, 0)
+
+
+def hf_assistant_settings(gamma: int | None) -> dict:
+    """HF assisted: a fixed chain of gamma drafts, or HF's defaults (20 drafts, confidence 0.4)."""
+    if gamma is None:
+        return dict(
+            num_assistant_tokens=20,
+            num_assistant_tokens_schedule="constant",
+            assistant_confidence_threshold=0.4,
+        )
+    return dict(
+        num_assistant_tokens=gamma,
+        num_assistant_tokens_schedule="constant",
+        assistant_confidence_threshold=0.0,
+    )
+
+
+def timed_generate(target, inputs: dict, new_tokens: int, device, *, assistant=None, gamma=None) -> dict:
+    """``target.generate`` greedy with EOS stopping off (with ``assistant``: HF assisted generation),
+    wall clock with the device synchronised: {"tokens", "total_ms", "ttft_ms", "rounds"}; TTFT and
+    rounds from a streamer (HF copies each round's tokens to the host there)."""
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)  # None: no EOS stop
+    saved = {}
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant
+        config = assistant.generation_config
+        # Set on every call: HF's heuristic schedule and threshold persist on the assistant.
+        for name, value in hf_assistant_settings(gamma).items():
+            saved[name] = getattr(config, name, None)
+            setattr(config, name, value)
+    try:
+        synchronize(device)
+        clock = TokenClock()
+        with torch.no_grad():
+            out = target.generate(**inputs, streamer=clock, **kwargs)
+        synchronize(device)
+        total_ms = (time.perf_counter() - clock.start) * 1e3
+    finally:
+        for name, value in saved.items():
+            setattr(assistant.generation_config, name, value)
+    tokens = out[:, inputs["input_ids"].shape[1] :].cpu()
+    return dict(tokens=tokens, total_ms=total_ms, ttft_ms=clock.ttft_ms, rounds=clock.rounds)
+
+
+def timed_engine(engine, target_inputs: dict, drafter_inputs, new_tokens: int, device, **kwargs) -> dict:
+    """``CrossSpecEngine.generate`` greedy, EOS stopping off, wall clock with the device synchronised:
+    {"tokens", "total_ms", "ttft_ms", "stats"} (TTFT and the rest from the engine's public stats)."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = engine.generate(
+        target_inputs,
+        drafter_inputs,
+        max_new_tokens=new_tokens,
+        temperature=0.0,
+        seed=0,
+        eos_token_id=[],
+        **kwargs,
+    )
+    synchronize(device)
+    total_ms = (time.perf_counter() - start) * 1e3
+    return dict(tokens=out.sequences.cpu(), total_ms=total_ms, ttft_ms=out.stats["ttft_ms"], stats=out.stats)
+
+
+def time_summary(runs: list[dict], new_tokens: int) -> dict:
+    """total_ms, ttft_ms and tokens_per_s as {"median", "p20", "p80"} over the runs."""
+    totals = [run["total_ms"] for run in runs]
+    return dict(
+        total_ms=quantiles(totals),
+        ttft_ms=quantiles([run["ttft_ms"] for run in runs]),
+        tokens_per_s=quantiles([new_tokens / (t / 1e3) for t in totals]),
+    )
+
+
+ENGINE_STATS = (
+    "acceptance_rate",
+    "mean_accepted_length",
+    "tokens_per_round",
+    "free_tokens",
+    "free_tokens_accepted",
+    "rounds",
+)
+
+
+def engine_summary(runs: list[dict], label: str) -> tuple[dict, list[str]]:
+    """Medians of the engine's public stats over the runs (stage_ms per stage), and whether it fell
+    back to target-only decoding (a problem)."""
+    stats = [run["stats"] for run in runs]
+    row = {key: median([s[key] for s in stats]) for key in ENGINE_STATS}
+    row["engine_tokens_per_s"] = quantiles([s["tokens_per_s"] for s in stats])
+    row["stage_ms"] = {
+        stage: median([s["stage_ms"].get(stage, 0.0) for s in stats]) for stage in stats[0]["stage_ms"]
+    }
+    row["fallback"] = any(s["fallback"] for s in stats)
+    problems = []
+    if row["fallback"]:
+        reasons = {s["fallback_reason"] for s in stats if s["fallback"]}
+        problems.append(f"{label}: the engine fell back to target-only decoding: {reasons}")
+    return row, problems
+
+
+def check_tokens(row: dict, runs: list[dict], reference, dtype: torch.dtype, label: str) -> list[str]:
+    """row["tokens_identical"]: every run's tokens equal the reference's first tokens. A mismatch is a
+    problem in fp32 (the losslessness contract); in bf16 a near-tie between the one-token and the
+    many-token forward can flip a token, so it is a note."""
+    tokens = runs[0]["tokens"]
+    expected = reference[:, : tokens.shape[1]].cpu()
+    same = tokens.shape == expected.shape and all(torch.equal(run["tokens"], expected) for run in runs)
+    row["tokens_identical"] = same
+    if same:
+        return []
+    common = min(tokens.shape[1], expected.shape[1])
+    diff = (tokens[0, :common] != expected[0, :common]).nonzero()
+    row["first_mismatch"] = int(diff[0]) if len(diff) else common
+    message = f"{label}: greedy tokens differ from target.generate (first at {row['first_mismatch']})"
+    if dtype == torch.float32:
+        return [message]
+    row["mismatch_note"] = f"{message}; {dtype} near-ties, the losslessness contract is fp32"
+    return []
+
+
+def free_cuda_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

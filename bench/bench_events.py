@@ -32,37 +32,21 @@ speed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import importlib.util
 import sys
 from collections.abc import Callable
 
+import _common as harness
 import numpy as np
 import pytest
 import torch
-from _common import (
-    SMOKE_BANNER,
-    bandwidth_gbps,
-    benchmark_synced,
-    describe_device,
-    finish_run,
-    format_table,
-    percent_of_peak,
-    results_payload,
-    run_configs,
-    script_arg_parser,
-    start_run,
-    synchronize,
-    time_cpu,
-    time_fn,
-)
 
-from crossspec_kernels import _ext, events_to_frames, reference
-from crossspec_kernels.ops._dispatch import triton_available
+from crossspec_kernels import events_to_frames, reference
 from crossspec_kernels.reference import VOXEL_FIXED_POINT_BITS
 
+OP = "events_to_frames"
 SENSOR = (480, 640)  # DSEC (height, width)
 SMOKE_SENSOR = (37, 53)
 SLICES = 5  # EventGPT frames / voxel bins
@@ -201,24 +185,14 @@ def tonic_baseline(config: Config):
 # ----------------------------------------------------------------------------------------------
 
 
-def backends_for(device: torch.device) -> tuple[list[str], list[str]]:
+def backends_for(device: torch.device, smoke: bool = False) -> tuple[list[str], list[str]]:
     """(backends to time, notes on those left out)."""
-    notes = []
     if device.type != "cuda":
-        chosen = ["reference", "numpy"]
-        notes.append("cuda, triton: no CUDA device (the smoke test times the reference)")
+        chosen, notes = ["reference"], ["cuda, triton: no CUDA device (the smoke test times the reference)"]
     else:
-        chosen = []
-        notes.append("reference: run once per config as the correctness oracle, not timed")
-        if _ext.is_available():
-            chosen.append("cuda")
-        else:
-            notes.append("cuda: crossspec_kernels._C is not built (see `crossspec info`)")
-        if triton_available():
-            chosen.append("triton")
-        else:
-            notes.append("triton: not installed")
-        chosen.append("numpy")
+        chosen, notes = harness.kernel_backends()
+        notes.insert(0, harness.ORACLE_NOTE)
+    chosen.append("numpy")
     if tonic_available():
         chosen.append("tonic")
     else:
@@ -274,105 +248,47 @@ def run_checked(backend: str, config: Config, inputs: dict) -> list[str]:
     if backend == "numpy":
         return compare(config, torch.from_numpy(numpy_baseline(config, inputs["numpy"])))
     out = ours(backend, config, inputs, check=True)
-    synchronize(inputs["x"].device)
+    harness.synchronize(inputs["x"].device)
     return compare(config, out)
 
 
-# ----------------------------------------------------------------------------------------------
-# Script mode
-# ----------------------------------------------------------------------------------------------
-
-
-def benchmark_config(config: Config, device: torch.device, info, backends: list[str], *, quick: bool):
+def benchmark_config(config: Config, device, info, backends: list[str], *, quick: bool):
     inputs = make_inputs(config, device)
-    rows, problems = [], []
-    for backend in backends:
-        row = dict(
-            config=str(config),
-            representation=config.representation,
-            num_events=config.num_events,
-            sensor=f"{config.height}x{config.width}",
-            backend=backend,
-            bytes=config.bytes_moved,
-        )
-        try:
-            found = run_checked(backend, config, inputs)
-            row["checks"] = "ok" if not found else "; ".join(found)
-            problems += [f"{config} {backend}: {p}" for p in found]
-            fn = op_callable(backend, config, inputs)
-            if backend in BASELINES:  # host code: wall clock, whatever the device
-                timing = time_cpu(fn, iterations=2 if quick else 5)
-            else:
-                timing = time_fn(fn, device, quick=quick)
-        except Exception as error:  # one broken backend must not lose the others' numbers
-            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            if backend != "tonic":  # an optional baseline's API drift is not our problem
-                problems.append(f"{config} {backend}: {row['error']}")
-            rows.append(row)
-            continue
-        gbps = bandwidth_gbps(config.bytes_moved, timing.median_us)
-        row.update(
-            median_us=timing.median_us,
-            p20_us=timing.p20_us,
-            p80_us=timing.p80_us,
-            gbps=gbps,
-            pct_peak=None if backend in BASELINES else percent_of_peak(gbps, info),
-            timing_method=timing.method,
-        )
-        rows.append(row)
-    base = next((r for r in rows if r["backend"] == "numpy" and "median_us" in r), None)
-    for row in rows:
-        if base and "median_us" in row:
-            row["speedup_vs_numpy"] = base["median_us"] / row["median_us"]
+
+    def prepare(backend):
+        return op_callable(backend, config, inputs), {}, run_checked(backend, config, inputs)
+
+    fields = dict(
+        representation=config.representation,
+        num_events=config.num_events,
+        sensor=f"{config.height}x{config.width}",
+    )
+    rows, problems = harness.measure_backends(
+        config, backends, prepare, device=device, info=info, quick=quick, num_bytes=config.bytes_moved,
+        fields=fields, optional=("tonic",),  # an optional baseline's API drift is not our problem
+        host_timed=BASELINES,  # host code: wall clock, whatever the device
+    )  # fmt: skip
+    harness.add_speedups(rows, ("numpy",))
     return rows, problems
 
 
-TABLE_COLUMNS = (
-    ("config", "config", ""),
-    ("backend", "backend", ""),
-    ("median_us", "median us", ".1f"),
-    ("p20_us", "p20 us", ".1f"),
-    ("p80_us", "p80 us", ".1f"),
-    ("gbps", "GB/s", ".1f"),
-    ("pct_peak", "% HBM", ".1f"),
-    ("speedup_vs_numpy", "x numpy", ".1f"),
-    ("checks", "checks", ""),
-)
+TABLE_COLUMNS = harness.op_columns(("speedup_vs_numpy", "x numpy", ".1f"), ("checks", "checks", ""))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = script_arg_parser("events_to_frames", __doc__.split("\n\n")[0])
+def main(argv=None) -> int:
+    parser = harness.script_arg_parser(OP, __doc__.split("\n\n")[0])
     parser.add_argument(
         "--smoke", action="store_true", help="the CPU smoke test's tiny shapes (same as --cpu)"
     )
     args = parser.parse_args(argv)
     args.cpu = args.cpu or args.smoke
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device, smoke, info = start_run(args)
-    backends, notes = backends_for(device)
-    print(f"timed: {', '.join(backends)}" + "".join(f"\nnot timed: {note}" for note in notes))
-
-    all_rows, problems = run_configs(
-        configs(smoke=smoke, quick=args.quick),
-        lambda config: benchmark_config(config, device, info, backends, quick=args.quick),
-    )
-
-    print()
-    print(format_table(all_rows, TABLE_COLUMNS))
-    if smoke:
-        print(SMOKE_BANNER)
-    payload = results_payload(
-        "events_to_frames",
-        smoke,
-        info,
-        backends,
-        notes,
-        all_rows,
-        problems,
+    return harness.run_op_benchmark(
+        OP,
+        args,
+        backends_for,
+        configs,
+        benchmark_config,
+        TABLE_COLUMNS,
         bytes_formula=(
             "n*(2+2+1 [+8 for t in voxel]) input bytes + output bytes; eventgpt adds 3x the 2-bit flags "
             "(zero, atomics, read), voxel 3x the int64 fixed-point workspace"
@@ -383,41 +299,27 @@ def main(argv=None) -> int:
         ),
         goal="H100: 1M events -> 5 EventGPT frames <= 1 ms and >= 50x numpy",
     )
-    return finish_run("events_to_frames", args.out, smoke, info, payload, problems)
 
 
 # ----------------------------------------------------------------------------------------------
 # pytest-benchmark mode: `pytest bench/bench_events.py` (bench/conftest.py collects bench_*.py)
 # ----------------------------------------------------------------------------------------------
 
-_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_SMOKE = _DEVICE.type != "cuda"
-_PYTEST_BACKENDS = ("reference", "numpy") if _SMOKE else ("cuda", "triton", "numpy")
+_PYTEST_BACKENDS = ("reference", "numpy") if harness.PYTEST_SMOKE else ("cuda", "triton", "numpy")
 
 
 @pytest.mark.parametrize("backend", _PYTEST_BACKENDS)
-@pytest.mark.parametrize("config", configs(smoke=_SMOKE, quick=not _SMOKE), ids=str)
+@pytest.mark.parametrize(
+    "config", configs(smoke=harness.PYTEST_SMOKE, quick=not harness.PYTEST_SMOKE), ids=str
+)
 def test_events_to_frames(benchmark, config: Config, backend: str) -> None:
-    if backend == "cuda" and not _ext.is_available():
+    if backend == "cuda" and not harness.extension_built():
         pytest.skip("crossspec_kernels._C is not built")
-    inputs = make_inputs(config, _DEVICE)
+    inputs = make_inputs(config, harness.PYTEST_DEVICE)
     problems = run_checked(backend, config, inputs)
     assert not problems, problems
-    info = describe_device(_DEVICE)
-    benchmark.group = str(config)
-    benchmark.extra_info.update(device=info.name, smoke_test=_SMOKE, bytes=config.bytes_moved)
     fn = op_callable(backend, config, inputs)
-    if not _SMOKE and backend not in BASELINES:
-        timing = time_fn(fn, _DEVICE)
-        gbps = bandwidth_gbps(config.bytes_moved, timing.median_us)
-        benchmark.extra_info.update(
-            do_bench_median_us=timing.median_us,
-            do_bench_p20_us=timing.p20_us,
-            do_bench_p80_us=timing.p80_us,
-            gbps=gbps,
-            pct_peak=percent_of_peak(gbps, info),
-        )
-    benchmark_synced(benchmark, fn, _DEVICE, smoke=_SMOKE or backend in BASELINES)
+    harness.pytest_benchmark(benchmark, fn, config, config.bytes_moved, host=backend in BASELINES)
 
 
 def test_numpy_baseline_matches_the_spec() -> None:

@@ -25,40 +25,24 @@ iterations) that proves the script works and claims nothing about speed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import sys
 from collections.abc import Callable
 
+import _common as harness
 import pytest
 import torch
 import torch.nn.functional as F
-from _common import (
-    SMOKE_BANNER,
-    bandwidth_gbps,
-    benchmark_synced,
-    describe_device,
-    finish_run,
-    format_table,
-    percent_of_peak,
-    results_payload,
-    run_configs,
-    script_arg_parser,
-    start_run,
-    synchronize,
-    time_fn,
-)
 
 from crossspec_kernels import reference
-from crossspec_kernels.ops._dispatch import triton_available
 from crossspec_kernels.ops.lm_head_topk import lm_head_topk
 
+OP = "lm_head_topk"
 VOCAB, HIDDEN = 32064, 4096  # Vicuna-7B, the Video-LLaVA language model
 SMOKE_VOCAB, SMOKE_HIDDEN = 1000, 64
 TOP_K = 8
 TEMPERATURE = 1.0
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Our log-probs against the fp32 spec from the same inputs; the eager/compiled baselines round the
 # logits to W's dtype first (bf16: ~0.4% of a logit of ~10), hence their looser bound.
 OURS_ATOL, BASELINE_ATOL = 2e-3, 0.25
@@ -80,7 +64,7 @@ class Config:
 
     def __str__(self) -> str:
         probs = "-probs" if self.return_probs else ""
-        return f"M{self.rows}-V{self.vocab}-d{self.hidden_dim}-{DTYPE_NAMES[self.dtype]}{probs}"
+        return f"M{self.rows}-V{self.vocab}-d{self.hidden_dim}-{harness.DTYPE_NAMES[self.dtype]}{probs}"
 
 
 def configs(*, smoke: bool, quick: bool) -> list[Config]:
@@ -117,11 +101,7 @@ def eager_lm_head_topk(
 
 @functools.cache
 def _compiled():
-    import torch._dynamo
-
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+    harness.raise_recompile_limit(64)
     return torch.compile(eager_lm_head_topk, dynamic=False)
 
 
@@ -142,11 +122,8 @@ def backends_for(device: torch.device, *, compile_baseline: bool) -> tuple[list[
         return ["reference", "eager"], [
             "triton, compiled: no CUDA device (the smoke test times the reference)"
         ]
-    chosen, notes = [], ["reference: run once per config as the correctness oracle, not timed"]
-    if triton_available():
-        chosen.append("triton")
-    else:
-        notes.append("triton: not installed")
+    chosen, notes = harness.kernel_backends(("triton",))
+    notes.insert(0, harness.ORACLE_NOTE)
     chosen.append("eager")
     if compile_baseline:
         chosen.append("compiled")
@@ -176,6 +153,11 @@ def check_output(out, expected, config: Config, atol: float) -> list[str]:
 
 
 @functools.cache
+def _cached_inputs(config: Config, device_type: str) -> dict:
+    return make_inputs(config, torch.device(device_type))
+
+
+@functools.cache
 def _reference(config: Config, device_type: str):
     inputs = _cached_inputs(config, device_type)
     return reference.lm_head_topk(
@@ -183,143 +165,66 @@ def _reference(config: Config, device_type: str):
     )
 
 
-@functools.cache
-def _cached_inputs(config: Config, device_type: str) -> dict:
-    return make_inputs(config, torch.device(device_type))
-
-
-def run_checked(backend: str, config: Config, device: torch.device) -> list[str]:
+def run_checked(backend: str, config: Config, device: torch.device) -> tuple[Callable[[], object], list[str]]:
     """One untimed call (warms up Triton compiles and torch.compile traces) checked against the spec."""
-    out = op_callable(backend, config, _cached_inputs(config, device.type))()
-    synchronize(device)
+    fn = op_callable(backend, config, _cached_inputs(config, device.type))
+    out = fn()
+    harness.synchronize(device)
     atol = BASELINE_ATOL if backend in ("eager", "compiled") else OURS_ATOL
-    return check_output(out, _reference(config, device.type), config, atol)
+    return fn, check_output(out, _reference(config, device.type), config, atol)
 
 
-def benchmark_config(config: Config, device: torch.device, info, backends: list[str], *, quick: bool):
-    inputs = _cached_inputs(config, device.type)
-    rows, problems = [], []
-    for backend in backends:
-        row = dict(
-            config=str(config),
-            rows=config.rows,
-            vocab=config.vocab,
-            hidden=config.hidden_dim,
-            dtype=DTYPE_NAMES[config.dtype],
-            return_probs=config.return_probs,
-            k=TOP_K,
-            backend=backend,
-            bytes=config.bytes_bound,
-        )
-        try:
-            found = run_checked(backend, config, device)
-            row["checks"] = "ok" if not found else "; ".join(found)
-            problems += [f"{config} {backend}: {p}" for p in found]
-            timing = time_fn(op_callable(backend, config, inputs), device, quick=quick)
-        except (
-            Exception
-        ) as error:  # one broken backend (e.g. a torch.compile failure) must not lose the others
-            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            if backend != "compiled":
-                problems.append(f"{config} {backend}: {row['error']}")
-            rows.append(row)
-            continue
-        gbps = bandwidth_gbps(config.bytes_bound, timing.median_us)
-        row.update(
-            median_us=timing.median_us,
-            p20_us=timing.p20_us,
-            p80_us=timing.p80_us,
-            gbps=gbps,
-            pct_peak=percent_of_peak(gbps, info),
-            timing_method=timing.method,
-        )
-        rows.append(row)
-    for baseline in ("eager", "compiled"):
-        base = next((r for r in rows if r["backend"] == baseline and "median_us" in r), None)
-        for row in rows:
-            if base and "median_us" in row:
-                row[f"speedup_vs_{baseline}"] = base["median_us"] / row["median_us"]
+def benchmark_config(config: Config, device, info, backends: list[str], *, quick: bool):
+    def prepare(backend):
+        fn, found = run_checked(backend, config, device)
+        return fn, {}, found
+
+    fields = dict(harness.config_fields(config, hidden_dim="hidden"), k=TOP_K)
+    rows, problems = harness.measure_backends(
+        config, backends, prepare, device=device, info=info, quick=quick, num_bytes=config.bytes_bound,
+        fields=fields, optional=("compiled",),  # e.g. a torch.compile failure is recorded, not fatal
+    )  # fmt: skip
+    harness.add_speedups(rows, ("eager", "compiled"))
     return rows, problems
 
 
-TABLE_COLUMNS = (
-    ("config", "config", ""),
-    ("backend", "backend", ""),
-    ("median_us", "median us", ".1f"),
-    ("p20_us", "p20 us", ".1f"),
-    ("p80_us", "p80 us", ".1f"),
-    ("gbps", "GB/s", ".1f"),
-    ("pct_peak", "% HBM (of bound)", ".1f"),
+TABLE_COLUMNS = harness.op_columns(
     ("speedup_vs_eager", "x eager", ".2f"),
     ("speedup_vs_compiled", "x compiled", ".2f"),
     ("checks", "checks", ""),
+    pct="% HBM (of bound)",
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = script_arg_parser("lm_head_topk", __doc__.split("\n\n")[0])
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    device, smoke, info = start_run(args)
-    backends, notes = backends_for(device, compile_baseline=not args.no_compile and not smoke)
-    print(f"timed: {', '.join(backends)}" + "".join(f"\nnot timed: {note}" for note in notes))
-
-    all_rows, problems = run_configs(
-        configs(smoke=smoke, quick=args.quick),
-        lambda config: benchmark_config(config, device, info, backends, quick=args.quick),
-    )
-
-    print()
-    print(format_table(all_rows, TABLE_COLUMNS))
-    if smoke:
-        print(SMOKE_BANNER)
-    payload = results_payload(
-        "lm_head_topk",
-        smoke,
-        info,
-        backends,
-        notes,
-        all_rows,
-        problems,
+    parser = harness.script_arg_parser(OP, __doc__.split("\n\n")[0])
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = parser.parse_args(argv)
+    return harness.run_op_benchmark(
+        OP,
+        args,
+        lambda device, smoke: backends_for(device, compile_baseline=not args.no_compile and not smoke),
+        configs,
+        benchmark_config,
+        TABLE_COLUMNS,
         bytes_formula="V*d*sizeof(W) (W read once), + M*V*4 when return_probs (probabilities written once)",
         inputs=f"hidden ~ N(0, 1), W ~ N(0, 9/d), seed 0; k={TOP_K}, temperature={TEMPERATURE}",
     )
-    return finish_run("lm_head_topk", args.out, smoke, info, payload, problems)
 
 
 # ----------------------------------------------------------------------------------------------
 # pytest-benchmark mode: `pytest bench/bench_lm_head_topk.py` (bench/conftest.py collects bench_*.py)
 # ----------------------------------------------------------------------------------------------
 
-_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_SMOKE = _DEVICE.type != "cuda"
-_PYTEST_BACKENDS = ("reference", "eager") if _SMOKE else ("triton", "eager")
+_PYTEST_BACKENDS = ("reference", "eager") if harness.PYTEST_SMOKE else ("triton", "eager")
 
 
 @pytest.mark.parametrize("backend", _PYTEST_BACKENDS)
-@pytest.mark.parametrize("config", configs(smoke=_SMOKE, quick=False), ids=str)
+@pytest.mark.parametrize("config", configs(smoke=harness.PYTEST_SMOKE, quick=False), ids=str)
 def test_lm_head_topk(benchmark, config: Config, backend: str) -> None:
-    problems = run_checked(backend, config, _DEVICE)
+    fn, problems = run_checked(backend, config, harness.PYTEST_DEVICE)
     assert not problems, problems
-    info = describe_device(_DEVICE)
-    benchmark.group = str(config)
-    benchmark.extra_info.update(device=info.name, smoke_test=_SMOKE, bytes=config.bytes_bound)
-    fn = op_callable(backend, config, _cached_inputs(config, _DEVICE.type))
-    if not _SMOKE:
-        timing = time_fn(fn, _DEVICE)
-        gbps = bandwidth_gbps(config.bytes_bound, timing.median_us)
-        benchmark.extra_info.update(
-            do_bench_median_us=timing.median_us,
-            do_bench_p20_us=timing.p20_us,
-            do_bench_p80_us=timing.p80_us,
-            gbps=gbps,
-            pct_peak=percent_of_peak(gbps, info),
-        )
-    benchmark_synced(benchmark, fn, _DEVICE, smoke=_SMOKE)
+    harness.pytest_benchmark(benchmark, fn, config, config.bytes_bound)
 
 
 def test_bytes_formula() -> None:

@@ -40,51 +40,29 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import copy
 import dataclasses
-import gc
 import json
 import math
 import sys
-import time
 
+import _common as harness
 import torch
-from _common import (
-    SMOKE_BANNER,
-    finish_run,
-    format_table,
-    results_payload,
-    run_configs,
-    script_arg_parser,
-    start_run,
-    synchronize,
-)
-from bench_e2e import (
-    ANALYTIC_MODEL,
-    VICUNA_VOCAB,
-    Setup,
-    _build,
-    _quantiles,
-    _text_only_llama_class,
-    _TokenClock,
-    _use_native_attention,
-    analytic,
-    seven_b_setup,
-    tiny_setup,
-)
+from bench_e2e import ANALYTIC_MODEL, analytic
+from models import SEED, Setup, build_assistant, setup_for, use_native_attention
 
 from crossspec_kernels import hf
 from crossspec_kernels.runtime import ChainDraft, ControlledAcceptance, CrossSpecEngine
+
+# Runtime internals, on purpose: T_d and the co-run timeline time the drafter's prefill and each of its
+# chain steps outside the engine, on chosen streams; the engine's public stats give only totals.
 from crossspec_kernels.runtime.drafting import DraftModel
 from crossspec_kernels.runtime.runner import ModelRunner, graph_capture_available
-from crossspec_kernels.runtime.stages import STAGES, StageTimer
+from crossspec_kernels.runtime.stages import StageTimer
 
 OP = "overlap"
-PRESETS = ("tiny", "7b")
-SEED = 0
+DRAFTERS_7B = ("eventgpt-1b", "eventgpt-7b")
 VARIANTS = ("sequential", "two_streams", "priority", "green_contexts", "green_contexts+graphs")
 ALPHAS = (0.2, 0.5, 0.8)
-DRAFTERS_7B = ("eventgpt-1b", "eventgpt-7b")
 GOAL_DRAFTER_7B = "eventgpt-1b"
 GOALS = dict(
     hidden_fraction=(">=", 0.9),
@@ -101,14 +79,14 @@ CUDA_ONLY = {
     "green_contexts+graphs": "needs CUDA green contexts and CUDA graph capture: no CUDA device",
 }
 DEFINITIONS = dict(
-    T_p_ms="target prefill alone on the full device (current stream), median over repeats",
+    T_p_ms="target prefill alone on the full device (current stream), harness.median over repeats",
     T_d_ms="drafter prefill + k greedy chain steps alone on the full device (k = free_token_budget)",
     M_ms="co-run makespan on the variant's streams: common origin event to the later of both ends",
     hidden_fraction="h = (T_p + T_d - M) / T_d",
     target_slowdown="s = target prefill time while co-running / T_p",
     alone_on_variant_streams="T_p and T_d each alone on the variant's own streams (inside a partition for "
     "green contexts), for reference; h and s use the full-device T_p and T_d",
-    free_tokens="engine stats free_tokens (drafts finished before the target's prefill), median over runs",
+    free_tokens="engine stats free_tokens (drafts finished before the target's prefill), harness.median over runs",
     speedup_vs_target_generate="target.generate total ms / engine total ms (medians)",
     speedup_vs_hf_assisted="HF assisted total ms at the same alpha and gamma / engine total ms (medians)",
     system_efficiency="bench_e2e analytic model: measured speedup / predicted speedup",
@@ -189,12 +167,12 @@ def _span_ms(clock: StageTimer, origin, spans) -> list[dict]:
 
 def _run_alone(work: Work, which: str, stream, device) -> float:
     clock = StageTimer(device)
-    synchronize(device)
+    harness.synchronize(device)
     origin = clock.mark()
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(device))
     spans = work.target_prefill(clock, stream) if which == "target" else work.drafter_work(clock, stream)
-    synchronize(device)
+    harness.synchronize(device)
     return max(item["end_ms"] for item in _span_ms(clock, origin, spans))
 
 
@@ -202,7 +180,7 @@ def _co_run(work: Work, streams, sequential: bool, device) -> dict:
     """Both pieces of work from one origin; returns makespan, target prefill time and the timeline."""
     drafter_stream, target_stream = streams
     clock = StageTimer(device)
-    synchronize(device)
+    harness.synchronize(device)
     origin = clock.mark()
     for stream in (drafter_stream, target_stream):
         if stream is not None:
@@ -217,7 +195,7 @@ def _co_run(work: Work, streams, sequential: bool, device) -> dict:
             future = worker.submit(work.target_prefill, clock, target_stream)
             drafter_spans = work.drafter_work(clock, drafter_stream)
             target_spans = future.result()
-    synchronize(device)
+    harness.synchronize(device)
     target = _span_ms(clock, origin, target_spans)
     drafter = _span_ms(clock, origin, drafter_spans)
     return dict(
@@ -227,28 +205,23 @@ def _co_run(work: Work, streams, sequential: bool, device) -> dict:
     )
 
 
-def _median(values):
-    found = _quantiles(list(values))
-    return None if found is None else found["median"]
-
-
 def measure_overlap(work: Work, variant: str, streams, baseline: dict, repeats: int, device) -> dict:
     sequential = variant == "sequential"
     drafter_stream, target_stream = streams
     _co_run(work, streams, sequential, device)  # warm-up (allocator, Triton compiles, graph pools)
     runs = [_co_run(work, streams, sequential, device) for _ in range(repeats)]
     makespans = [run["makespan_ms"] for run in runs]
-    median_m = _median(makespans)
+    median_m = harness.median(makespans)
     shown = min(runs, key=lambda run: abs(run["makespan_ms"] - median_m))
-    alone_p = _median(_run_alone(work, "target", target_stream, device) for _ in range(repeats))
-    alone_d = _median(_run_alone(work, "drafter", drafter_stream, device) for _ in range(repeats))
+    alone_p = harness.median(_run_alone(work, "target", target_stream, device) for _ in range(repeats))
+    alone_d = harness.median(_run_alone(work, "drafter", drafter_stream, device) for _ in range(repeats))
     t_p, t_d = baseline["T_p_ms"], baseline["T_d_ms"]
-    co_prefill = _median(run["target_prefill_ms"] for run in runs)
+    co_prefill = harness.median(run["target_prefill_ms"] for run in runs)
     return dict(
         T_p_ms=t_p,
         T_d_ms=t_d,
         M_ms=median_m,
-        M_quantiles_ms=_quantiles(makespans),
+        M_quantiles_ms=harness.quantiles(makespans),
         target_prefill_co_run_ms=co_prefill,
         hidden_fraction=(t_p + t_d - median_m) / t_d if t_d > 0 else None,
         target_slowdown=co_prefill / t_p if t_p > 0 else None,
@@ -390,95 +363,27 @@ def make_mechanism(name: str, work: Work, args, device) -> Mechanism:
 # ----------------------------------------------------------------------------------------------
 
 
-def _controlled_assistant_class():
-    base = _text_only_llama_class()
-
-    class ControlledAssistant(base):
-        """HF assistant whose greedy proposal is replaced as ControlledAcceptance replaces ours: the
-        reference token with probability alpha, else another id. The forward still runs in full."""
-
-        control: dict | None = None
-
-        def forward(
-            self,
-            input_ids=None,
-            attention_mask=None,
-            cache_position=None,
-            pixel_values_videos=None,
-            pixel_values_images=None,
-            pixel_values=None,
-            **kwargs,
-        ):
-            out = super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, cache_position=cache_position, **kwargs
-            )
-            control = self.control
-            if control is None or out.logits is None:
-                return out
-            batch, device = out.logits.shape[0], out.logits.device
-            if cache_position is not None:  # a device tensor: no host sync added to HF's loop
-                length = cache_position[-1:] + 1
-            else:
-                length = torch.tensor(
-                    [(attention_mask if attention_mask is not None else input_ids).shape[1]]
-                )
-            position = (length.to(device) - control["prompt_len"]).expand(batch)
-            wanted = control["acceptance"].apply(out.logits[:, -1].argmax(-1), position)
-            last = torch.full_like(out.logits[:, -1], -1e4)
-            last.scatter_(1, wanted[:, None], 1e4)
-            out.logits = torch.cat([out.logits[:, :-1], last[:, None]], 1)
-            return out
-
-    return ControlledAssistant
-
-
-def build_assistant(setup: Setup, device) -> tuple[torch.nn.Module, str]:
-    cls = _controlled_assistant_class()
-    if setup.preset == "tiny":
-        config = copy.deepcopy(setup.target.config.text_config)
-        what = "text-only Llama of the tiny target's LM shape"
-    else:
-        from crossspec_kernels.models.eventgpt import eventgpt_config
-
-        config = copy.deepcopy(eventgpt_config("1b").text_config)
-        config.vocab_size = VICUNA_VOCAB  # the target's vocabulary, so HF shares ids one to one
-        what = "text-only Llama of EventGPT-1B's LM shape (TinyLlama-1.1B, vocab 32064), random bf16 weights"
-    assistant = _build(cls, config, device, setup.dtype, SEED + 11)
-    assistant.set_attn_implementation("sdpa")
-    return assistant, what + ", greedy proposals replaced by controlled acceptance (same rule as ours)"
-
-
 def _controlled(reference, alpha, device):
     return ControlledAcceptance(reference.to(device), alpha, seed=SEED)
 
 
 def run_generate(setup: Setup, args, device, new_tokens, assistant=None, alpha=None, reference=None):
-    """target.generate (assistant None) or HF assisted with a fixed chain of --gamma drafts."""
+    """target.generate (assistant None) or HF assisted with a fixed chain of --gamma drafts, its
+    proposals under controlled acceptance ``alpha``."""
     target, inputs = setup.target, setup.target_inputs
-    _use_native_attention(target, assistant)
-    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
-    if assistant is not None:
-        kwargs["assistant_model"] = assistant
-        config = assistant.generation_config
-        config.num_assistant_tokens = args.gamma
-        config.num_assistant_tokens_schedule = "constant"
-        config.assistant_confidence_threshold = 0.0
-        acceptance = _controlled(reference, alpha, device)
-        shared = min(assistant.config.vocab_size, target.get_output_embeddings().weight.shape[0])
-        acceptance.check(inputs["input_ids"].shape[0], shared, device)
-        assistant.control = dict(acceptance=acceptance, prompt_len=inputs["input_ids"].shape[1])
+    use_native_attention(target, assistant)
+    if assistant is None:
+        return harness.timed_generate(target, inputs, new_tokens, device)
+    acceptance = _controlled(reference, alpha, device)
+    shared = min(assistant.config.vocab_size, target.get_output_embeddings().weight.shape[0])
+    acceptance.check(inputs["input_ids"].shape[0], shared, device)
+    assistant.control = dict(acceptance=acceptance, prompt_len=inputs["input_ids"].shape[1])
     try:
-        synchronize(device)
-        clock = _TokenClock()
-        with torch.no_grad():
-            out = target.generate(**inputs, streamer=clock, **kwargs)
-        synchronize(device)
-        total_ms = (time.perf_counter() - clock.start) * 1e3
+        return harness.timed_generate(
+            target, inputs, new_tokens, device, assistant=assistant, gamma=args.gamma
+        )
     finally:
-        if assistant is not None:
-            assistant.control = None
-    tokens = out[:, inputs["input_ids"].shape[1] :].cpu()
-    return dict(tokens=tokens, total_ms=total_ms, ttft_ms=clock.ttft_ms, rounds=clock.rounds)
+        assistant.control = None
 
 
 def run_engine(setup, work: Work, mechanism: Mechanism, args, device, alpha, reference) -> dict:
@@ -493,27 +398,14 @@ def run_engine(setup, work: Work, mechanism: Mechanism, args, device, alpha, ref
         streams=mechanism.engine_streams,
         step_mode=mechanism.step_mode,
     )
-    synchronize(device)
-    start = time.perf_counter()
-    out = engine.generate(
+    controlled = _controlled(reference, alpha, device)
+    return harness.timed_engine(
+        engine,
         setup.target_inputs,
         work.drafter_inputs,
-        max_new_tokens=args.max_new_tokens,
-        temperature=0.0,
-        seed=SEED,
-        eos_token_id=[],
-        controlled_acceptance=_controlled(reference, alpha, device),
-    )
-    synchronize(device)
-    return dict(tokens=out.sequences.cpu(), total_ms=(time.perf_counter() - start) * 1e3, stats=out.stats)
-
-
-def _summary(runs: list[dict], new_tokens: int) -> dict:
-    totals = [run["total_ms"] for run in runs]
-    return dict(
-        total_ms=_quantiles(totals),
-        ttft_ms=_quantiles([run["ttft_ms"] for run in runs]),
-        tokens_per_s=_quantiles([new_tokens / (t / 1e3) for t in totals]),
+        args.max_new_tokens,
+        device,
+        controlled_acceptance=controlled,
     )
 
 
@@ -523,7 +415,7 @@ def measure_baselines(setup, args, device, assistant, reference) -> tuple[dict, 
     for _ in range(args.warmup):
         run_generate(setup, args, device, n)
     runs = [run_generate(setup, args, device, n) for _ in range(args.repeats)]
-    ar = dict(config="target.generate", **_summary(runs, n))
+    ar = dict(config="target.generate", **harness.time_summary(runs, n))
     hf_rows = {}
     for alpha in ALPHAS:
         for _ in range(args.warmup if alpha == ALPHAS[0] else 0):
@@ -531,13 +423,11 @@ def measure_baselines(setup, args, device, assistant, reference) -> tuple[dict, 
         runs = [
             run_generate(setup, args, device, n, assistant, alpha, reference) for _ in range(args.repeats)
         ]
-        row = dict(config=f"hf_assisted-g{args.gamma}-a{alpha}", alpha=alpha, **_summary(runs, n))
-        rounds = _median(run["rounds"] for run in runs)
+        row = dict(config=f"hf_assisted-g{args.gamma}-a{alpha}", alpha=alpha, **harness.time_summary(runs, n))
+        rounds = harness.median(run["rounds"] for run in runs)
         row["rounds"] = rounds
         row["acceptance_rate"] = (n / rounds - 1) / args.gamma if rounds else None
-        row["tokens_identical"] = all(torch.equal(run["tokens"], reference[:, :n]) for run in runs)
-        if not row["tokens_identical"] and setup.dtype == torch.float32:
-            problems.append(f"{row['config']}: tokens differ from target.generate")
+        problems += harness.check_tokens(row, runs, reference, setup.dtype, row["config"])
         hf_rows[str(alpha)] = row
     return dict(target_generate=ar, hf_assisted=hf_rows), problems
 
@@ -552,30 +442,13 @@ def measure_end_to_end(setup, work, mechanism, args, device, reference, baseline
         runs = [
             run_engine(setup, work, mechanism, args, device, alpha, reference) for _ in range(args.repeats)
         ]
-        stats = [run["stats"] for run in runs]
+        label = f"{mechanism.name} alpha {alpha}"
         row = dict(
-            kind="ours",
-            alpha=alpha,
-            draft=str(ChainDraft(args.gamma)),
-            total_ms=_quantiles([run["total_ms"] for run in runs]),
-            ttft_ms=_quantiles([s["ttft_ms"] for s in stats]),
-            tokens_per_s=_quantiles([n / (run["total_ms"] / 1e3) for run in runs]),
+            kind="ours", alpha=alpha, draft=str(ChainDraft(args.gamma)), **harness.time_summary(runs, n)
         )
-        for key in (
-            "acceptance_rate",
-            "mean_accepted_length",
-            "free_tokens",
-            "free_tokens_accepted",
-            "rounds",
-        ):
-            row[key] = _median(s[key] for s in stats)
-        row["stage_ms"] = {stage: _median(s["stage_ms"].get(stage, 0.0) for s in stats) for stage in STAGES}
-        row["fallback"] = any(s["fallback"] for s in stats)
-        if row["fallback"]:
-            problems.append(f"{mechanism.name} alpha {alpha}: the engine fell back to target-only decoding")
-        row["tokens_identical"] = all(torch.equal(run["tokens"], reference[:, :n]) for run in runs)
-        if not row["tokens_identical"] and setup.dtype == torch.float32:
-            problems.append(f"{mechanism.name} alpha {alpha}: tokens differ from target.generate")
+        stats, found = harness.engine_summary(runs, label)
+        row.update(stats)
+        problems += found + harness.check_tokens(row, runs, reference, setup.dtype, label)
         row["speedup_vs_target_generate"] = ar["total_ms"]["median"] / row["total_ms"]["median"]
         row["ttft_speedup_vs_target_generate"] = ar["ttft_ms"]["median"] / row["ttft_ms"]["median"]
         hf_row = baselines["hf_assisted"][str(alpha)]
@@ -647,12 +520,18 @@ def _parse_variants(text: str) -> list[str]:
 
 
 def parse_args(argv=None):
-    parser = script_arg_parser(OP, __doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--preset",
-        choices=PRESETS,
-        help="tiny: tiny random models (CPU smoke; default without CUDA); 7b: Video-LLaVA-7B-shaped target "
-        "and EventGPT-1B/-7B drafters, random bf16 weights on the GPU (default with CUDA)",
+    parser = harness.e2e_arg_parser(
+        OP,
+        __doc__.split("\n\n")[0],
+        drafters=DRAFTERS_7B,
+        defaults=dict(
+            preset="tiny: tiny random models (CPU smoke; default without CUDA); 7b: Video-LLaVA-7B-shaped target "
+            "and EventGPT-1B/-7B drafters, random bf16 weights on the GPU (default with CUDA)",
+            drafters="default: both; --quick: eventgpt-1b",
+            max_new_tokens="default: tiny 8, 7b 128; --quick 7b: 64",
+            repeats="default: tiny 1, 7b 5; --quick 7b: 3",
+            free_token_budget="drafts while the target prefills = k drafter steps of T_d; default: tiny 4, 7b 32",
+        ),
     )
     parser.add_argument(
         "--variants",
@@ -661,36 +540,23 @@ def parse_args(argv=None):
         help=f"mechanism variants to run (default all: {','.join(VARIANTS)})",
     )
     parser.add_argument(
-        "--drafters",
-        type=lambda text: [name for name in text.split(",") if name],
-        help=f"7b preset: drafters from {','.join(DRAFTERS_7B)} (default: both; --quick: eventgpt-1b)",
-    )
-    parser.add_argument(
         "--drafter-sms",
         type=int,
         help="green contexts: the drafter partition's SM count (default: automatic)",
     )
     parser.add_argument("--gamma", type=int, default=5, help="chain length of the end-to-end rounds (5)")
-    parser.add_argument(
-        "--free-token-budget",
-        type=int,
-        help="drafts while the target prefills = k drafter steps of T_d (default: tiny 4, 7b 32)",
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, help="tokens per request (default: tiny 8, 7b 128; --quick 7b: 64)"
-    )
-    parser.add_argument("--repeats", type=int, help="timed runs (default: tiny 1, 7b 5; --quick 7b: 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (1)")
-    parser.add_argument(
-        "--backend", choices=("cuda", "triton", "reference"), help="force the engine's kernel backend"
-    )
     args = parser.parse_args(argv)
-    if args.drafters is not None and any(name not in DRAFTERS_7B for name in args.drafters):
-        parser.error(f"--drafters: choose from {','.join(DRAFTERS_7B)}")
-    for name in ("gamma", "free_token_budget", "max_new_tokens", "repeats", "drafter_sms"):
-        value = getattr(args, name)
-        if value is not None and value < (2 if name == "max_new_tokens" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be positive (max-new-tokens >= 2), got {value}")
+    for name in ("gamma", "drafter_sms"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    args = harness.check_e2e_args(parser, args, DRAFTERS_7B)
+    tiny = args.preset == "tiny"
+    if args.free_token_budget is None:
+        args.free_token_budget = 4 if tiny else 32
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 8 if tiny else (64 if args.quick else 128)
+    if args.repeats is None:
+        args.repeats = 1 if tiny else (3 if args.quick else 5)
     return args
 
 
@@ -782,23 +648,11 @@ def run_variant(name, setup, work, args, device, reference, baselines) -> tuple[
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.preset is None:
-        args.preset = "7b" if torch.cuda.is_available() and not args.cpu else "tiny"
-    if args.preset == "7b" and (args.cpu or not torch.cuda.is_available()):
-        raise SystemExit(
-            "bench_overlap --preset 7b needs a CUDA device; use --preset tiny for the CPU smoke test"
-        )
     tiny = args.preset == "tiny"
-    if args.free_token_budget is None:
-        args.free_token_budget = 4 if tiny else 32
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 8 if tiny else (64 if args.quick else 128)
-    if args.repeats is None:
-        args.repeats = 1 if tiny else (3 if args.quick else 5)
-    device, smoke, info = start_run(args)
+    device, smoke, info = harness.start_run(args)
     torch.manual_seed(SEED)
     drafter_names = args.drafters or (["eventgpt-1b"] if args.quick else list(DRAFTERS_7B))
-    setup = tiny_setup(device) if tiny else seven_b_setup(device, drafter_names)
+    setup = setup_for(args.preset, device, drafter_names)
     specs = [spec for spec in setup.drafters if spec.name.startswith("eventgpt")]
     print(f"preset {setup.preset}: {setup.details['target']}", flush=True)
 
@@ -807,7 +661,7 @@ def main(argv=None) -> int:
     assistant, assistant_what = build_assistant(setup, device)
     baselines, problems = measure_baselines(setup, args, device, assistant, reference)
     del assistant
-    gc.collect()
+    harness.free_cuda_memory(device)
 
     drafters, all_rows = {}, []
     for spec in specs:
@@ -826,11 +680,11 @@ def main(argv=None) -> int:
         work.target_prefill(StageTimer(device), None)  # warm-up of both before the full-device baselines
         work.drafter_work(StageTimer(device), None)
         work.baseline = dict(
-            T_p_ms=_median(_run_alone(work, "target", None, device) for _ in range(args.repeats)),
-            T_d_ms=_median(_run_alone(work, "drafter", None, device) for _ in range(args.repeats)),
+            T_p_ms=harness.median(_run_alone(work, "target", None, device) for _ in range(args.repeats)),
+            T_d_ms=harness.median(_run_alone(work, "drafter", None, device) for _ in range(args.repeats)),
         )
         print(f"{spec.name}: T_p {work.baseline['T_p_ms']:.2f} ms, T_d {work.baseline['T_d_ms']:.2f} ms")
-        rows, found = run_configs(
+        rows, found = harness.run_configs(
             VARIANTS,
             lambda name, work=work: run_variant(name, setup, work, args, device, reference, baselines),
         )
@@ -838,19 +692,17 @@ def main(argv=None) -> int:
         all_rows += rows
         drafters[spec.name] = {row["variant"]: row for row in rows}
         del drafter, adapter, work
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        harness.free_cuda_memory(device)
 
     print()
-    print(format_table(_table(drafters), TABLE_COLUMNS))
+    print(harness.format_table(_table(drafters), TABLE_COLUMNS))
     skipped = [row for row in all_rows if row.get("status") == "skipped"]
     for row in skipped:
         print(f"skipped {row['config']}: {row['reason']}")
     if smoke:
-        print(SMOKE_BANNER)
+        print(harness.SMOKE_BANNER)
     goal_drafter = GOAL_DRAFTER_7B if not tiny else specs[0].name
-    payload = results_payload(
+    payload = harness.results_payload(
         OP,
         smoke,
         info,
@@ -884,7 +736,7 @@ def main(argv=None) -> int:
         variants=drafters,
         goals=goals_block(drafters, goal_drafter, on_gpu=not smoke),
     )
-    return finish_run(OP, args.out, smoke, info, payload, problems)
+    return harness.finish_run(OP, args.out, smoke, info, payload, problems)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,32 +34,16 @@ iterations) that proves the script works and claims nothing about speed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
 import sys
 from collections.abc import Callable
 
+import _common as harness
 import pytest
 import torch
 import torch.nn.functional as F
-from _common import (
-    SMOKE_BANNER,
-    DeviceInfo,
-    bandwidth_gbps,
-    benchmark_synced,
-    describe_device,
-    finish_run,
-    format_table,
-    percent_of_peak,
-    results_payload,
-    run_configs,
-    script_arg_parser,
-    start_run,
-    synchronize,
-    time_fn,
-)
 
 from crossspec_kernels import reference
 from crossspec_kernels.ops.tree_attention import pack_tree_mask, tree_attention
@@ -69,12 +53,6 @@ OP = "tree_attention"
 HEAD_DIM = 128  # Vicuna-7B
 HEAD_LAYOUTS = {"mha": (32, 32), "gqa": (32, 8)}  # name: (query heads, kv heads)
 TREE_SEED = 0
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-# ----------------------------------------------------------------------------------------------
-# Configurations and inputs
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +74,7 @@ class Config:
     def __str__(self) -> str:
         return (
             f"{self.heads}-B{self.batch}-Q{self.num_queries}-L{self.kv_len}-"
-            f"H{self.q_heads}x{self.kv_heads}-{DTYPE_NAMES[self.dtype]}"
+            f"H{self.q_heads}x{self.kv_heads}-{harness.DTYPE_NAMES[self.dtype]}"
         )
 
 
@@ -180,14 +158,9 @@ def eager(inputs: dict) -> torch.Tensor:
 
 @functools.cache
 def _compiled_flex():
-    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
-    # One graph per shape (dynamic=False): raise the recompile limit above the number of configs,
-    # or dynamo would quietly fall back to the unfused eager flex_attention after the default 8.
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+    harness.raise_recompile_limit()  # else dynamo falls back to the unfused eager flex_attention after 8 shapes
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -233,10 +206,10 @@ BACKENDS: dict[str, Callable[[dict], torch.Tensor]] = {
 }
 
 
-def backends_for(device: torch.device) -> tuple[list[str], list[str]]:
+def backends_for(device: torch.device, smoke: bool = False) -> tuple[list[str], list[str]]:
     """(backends to time, notes on those left out)."""
     chosen = ["ours", "sdpa_dense", "eager", "sdpa_decode"]
-    notes = ["reference: run once per config as the correctness oracle, not timed"]
+    notes = [harness.ORACLE_NOTE]
     if device.type != "cuda":
         notes.append(
             "flex: GPU only (torch.compile on CPU would take minutes); ours runs the reference on CPU"
@@ -261,90 +234,6 @@ def expected_output(config: Config, inputs: dict) -> torch.Tensor:
     return reference.tree_attention(q, k, v, inputs["tree"], kv_start=inputs["kv_start"])
 
 
-def max_error(out: torch.Tensor, expected: torch.Tensor) -> float:
-    return (out.float() - expected).abs().max().item()
-
-
-def benchmark_config(
-    config: Config, device: torch.device, info: DeviceInfo, backends: list[str], *, quick: bool
-) -> tuple[list[dict], list[str]]:
-    inputs = make_inputs(config, device)
-    expected = expected_output(config, inputs)
-    expected_decode = expected_decode_output(inputs)
-    problems: list[str] = []
-    rows = []
-    errors: dict[str, float] = {}
-    for backend in backends:
-        row = dict(
-            config=str(config),
-            heads=config.heads,
-            batch=config.batch,
-            q_heads=config.q_heads,
-            kv_heads=config.kv_heads,
-            num_queries=config.num_queries,
-            kv_len=config.kv_len,
-            dtype=DTYPE_NAMES[config.dtype],
-            backend=backend,
-            bytes=config.bytes_moved,
-        )
-        try:
-            if backend == "flex":
-                inputs["block_mask"] = flex_block_mask(inputs)
-            fn = functools.partial(BACKENDS[backend], inputs)
-            out = fn()  # untimed: compiles, warms up, and is checked
-            synchronize(device)
-            row["max_error"] = errors[backend] = max_error(
-                out, expected_decode if backend == "sdpa_decode" else expected
-            )
-            timing = time_fn(fn, device, quick=quick)
-        except Exception as error:  # one broken backend must not lose the others' numbers
-            row["error"] = f"{type(error).__name__}: {error}"[:500]
-            if backend != "flex":  # flex is optional; its failure is recorded, not a problem
-                problems.append(f"{config} {backend}: {row['error']}")
-            rows.append(row)
-            continue
-        gbps = bandwidth_gbps(config.bytes_moved, timing.median_us)
-        row.update(
-            median_us=timing.median_us,
-            p20_us=timing.p20_us,
-            p80_us=timing.p80_us,
-            gbps=gbps,
-            pct_peak=percent_of_peak(gbps, info),
-            timing_method=timing.method,
-        )
-        rows.append(row)
-
-    # Accuracy: within twice PyTorch's own low-precision error (eager), as the tests demand.
-    yardstick = errors.get("eager")
-    for row in rows:
-        if "max_error" in row and yardstick is not None and row["backend"] != "sdpa_decode":
-            limit = 2 * yardstick + 1e-3
-            row["checks"] = (
-                "ok" if row["max_error"] <= limit else f"error {row['max_error']:.3g} > {limit:.3g}"
-            )
-            if row["backend"] == "ours" and row["max_error"] > limit:
-                problems.append(f"{config} ours: {row['checks']}")
-
-    if device.type == "cuda":
-        from crossspec_kernels.triton.tree_attention import launch_plan
-
-        plan = launch_plan(inputs["q"], inputs["k"])
-        for row in rows:
-            if row["backend"] == "ours":
-                row.update(plan._asdict())
-
-    times = {row["backend"]: row["median_us"] for row in rows if "median_us" in row}
-    if "ours" in times:
-        for row in rows:
-            if row["backend"] == "ours":
-                for baseline in ("sdpa_dense", "flex", "eager"):
-                    if baseline in times:
-                        row[f"speedup_vs_{baseline}"] = times[baseline] / times["ours"]
-                if "sdpa_decode" in times:
-                    row["x_decode"] = times["ours"] / times["sdpa_decode"]
-    return rows, problems
-
-
 def expected_decode_output(inputs: dict) -> torch.Tensor:
     q, k, v = (inputs[name].float() for name in ("decode_q", "k", "v"))
     group = q.shape[1] // k.shape[1]
@@ -352,11 +241,61 @@ def expected_decode_output(inputs: dict) -> torch.Tensor:
     return torch.softmax(scores, -1) @ v.repeat_interleave(group, 1)
 
 
-def goal_summary(rows: list[dict], info: DeviceInfo) -> dict:
+def max_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return (out.float() - expected).abs().max().item()
+
+
+def checked_call(backend: str, inputs: dict, expected: dict) -> tuple[Callable[[], object], float]:
+    """(the call, its max error against the fp32 reference): one untimed run that also warms up."""
+    if backend == "flex":
+        inputs["block_mask"] = flex_block_mask(inputs)
+    fn = functools.partial(BACKENDS[backend], inputs)
+    out = fn()
+    harness.synchronize(inputs["q"].device)
+    return fn, max_error(out, expected["decode" if backend == "sdpa_decode" else "tree"])
+
+
+def benchmark_config(config: Config, device, info, backends: list[str], *, quick: bool):
+    inputs = make_inputs(config, device)
+    expected = dict(tree=expected_output(config, inputs), decode=expected_decode_output(inputs))
+
+    def prepare(backend):
+        fn, error = checked_call(backend, inputs, expected)
+        return fn, dict(max_error=error), None
+
+    fields = harness.config_fields(config, drop=("head_dim",))
+    rows, problems = harness.measure_backends(
+        config, backends, prepare, device=device, info=info, quick=quick, num_bytes=config.bytes_moved,
+        fields=fields, optional=("flex",),  # flex is optional; its failure is recorded, not a problem
+    )  # fmt: skip
+    # Accuracy: within twice PyTorch's own low-precision error (eager), as the tests demand.
+    yardstick = next((r["max_error"] for r in rows if r["backend"] == "eager" and "max_error" in r), None)
+    for row in rows:
+        if "max_error" in row and yardstick is not None and row["backend"] != "sdpa_decode":
+            limit = 2 * yardstick + 1e-3
+            ok = row["max_error"] <= limit
+            row["checks"] = "ok" if ok else f"error {row['max_error']:.3g} > {limit:.3g}"
+            if row["backend"] == "ours" and not ok:
+                problems.append(f"{config} ours: {row['checks']}")
+    ours_rows = [row for row in rows if row["backend"] == "ours"]
+    if device.type == "cuda":
+        from crossspec_kernels.triton.tree_attention import launch_plan  # the split counts it chose
+
+        for row in ours_rows:
+            row.update(launch_plan(inputs["q"], inputs["k"])._asdict())
+    harness.add_speedups(rows, ("sdpa_dense", "flex", "eager"), only=("ours",))
+    decode = next((r["median_us"] for r in rows if r["backend"] == "sdpa_decode" and "median_us" in r), None)
+    for row in ours_rows:
+        if decode is not None and "median_us" in row:
+            row["x_decode"] = row["median_us"] / decode
+    return rows, problems
+
+
+def goal_summary(rows, device, info, backends) -> tuple[dict, list[str]]:
     """The issue's goals on an H100, evaluated on this run (informative on other devices)."""
     ours_rows = [r for r in rows if r["backend"] == "ours" and "median_us" in r]
-    if not ours_rows:
-        return {}
+    if device.type != "cuda" or not ours_rows:
+        return dict(goals={}), []
 
     def worst(key, rows_subset):
         values = [r[key] for r in rows_subset if r.get(key) is not None]
@@ -364,7 +303,7 @@ def goal_summary(rows: list[dict], info: DeviceInfo) -> dict:
 
     long_rows = [r for r in ours_rows if r["kv_len"] >= 4096]
     tree64 = [r for r in ours_rows if r["num_queries"] == 64]
-    return {
+    goals = {
         "device": info.name,
         "min_pct_roofline_at_L>=4K (goal >= 90)": worst("pct_peak", long_rows),
         "min_speedup_vs_sdpa_dense (goal >= 3)": worst("speedup_vs_sdpa_dense", ours_rows),
@@ -373,32 +312,24 @@ def goal_summary(rows: list[dict], info: DeviceInfo) -> dict:
             (r["x_decode"] for r in tree64 if "x_decode" in r), default=None
         ),
     }
+    for key, value in goals.items():
+        print(f"{key}: {value}")
+    return dict(goals=goals), []
 
 
-TABLE_COLUMNS = (
-    ("config", "config", ""),
-    ("backend", "backend", ""),
-    ("median_us", "median us", ".1f"),
-    ("p20_us", "p20 us", ".1f"),
-    ("p80_us", "p80 us", ".1f"),
-    ("gbps", "GB/s", ".0f"),
-    ("pct_peak", "% HBM", ".1f"),
+TABLE_COLUMNS = harness.op_columns(
     ("speedup_vs_sdpa_dense", "x sdpa", ".2f"),
     ("speedup_vs_flex", "x flex", ".2f"),
     ("x_decode", "/decode", ".2f"),
     ("num_splits", "splits", "d"),
     ("max_error", "max err", ".2g"),
     ("checks", "checks", ""),
+    gbps=".0f",
 )
 
 
-# ----------------------------------------------------------------------------------------------
-# Script mode
-# ----------------------------------------------------------------------------------------------
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = script_arg_parser(OP, __doc__.split("\n\n")[0])
+def main(argv=None) -> int:
+    parser = harness.script_arg_parser(OP, __doc__.split("\n\n")[0])
     parser.add_argument(
         "--skip",
         nargs="*",
@@ -406,99 +337,55 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=[name for name in BACKENDS if name != "ours"],
         help="baselines not to time (e.g. --skip flex: its compile costs seconds per shape)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
 
+    def backends(device, smoke):
+        chosen, notes = backends_for(device)
+        notes += [f"{name}: skipped (--skip)" for name in args.skip if name in chosen]
+        return [name for name in chosen if name not in args.skip], notes
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device, smoke, info = start_run(args)
-    backends, notes = backends_for(device)
-    notes += [f"{name}: skipped (--skip)" for name in args.skip if name in backends]
-    backends = [name for name in backends if name not in args.skip]
-    print(f"timed: {', '.join(backends)}" + "".join(f"\nnot timed: {note}" for note in notes))
-
-    all_rows, problems = run_configs(
-        configs(smoke=smoke, quick=args.quick),
-        lambda config: benchmark_config(config, device, info, backends, quick=args.quick),
-    )
-
-    print()
-    print(format_table(all_rows, TABLE_COLUMNS))
-    goals = {} if smoke else goal_summary(all_rows, info)
-    for key, value in goals.items():
-        print(f"{key}: {value}")
-    if smoke:
-        print(SMOKE_BANNER)
-
-    payload = results_payload(
+    return harness.run_op_benchmark(
         OP,
-        smoke,
-        info,
+        args,
         backends,
-        notes,
-        all_rows,
-        problems,
+        configs,
+        benchmark_config,
+        TABLE_COLUMNS,
+        after=goal_summary,
         bytes_formula="2*B*L*Hkv*D*sizeof(dtype): K and V read once",
         inputs=(
             f"randn q/k/v (seed {TREE_SEED}), one random valid tree per request "
             "(crossspec_kernels.testing.random_parents -> ancestor-or-self mask), kv_start = "
             "[(L-Q)*b//8 for b in range(B)] when B > 1 else None; tree packed once, untimed"
         ),
-        goals=goals,
     )
-    return finish_run(OP, args.out, smoke, info, payload, problems)
 
 
 # ----------------------------------------------------------------------------------------------
 # pytest-benchmark mode: `pytest bench/bench_tree_attention.py` (bench/conftest.py collects it)
 # ----------------------------------------------------------------------------------------------
 
-_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_SMOKE = _DEVICE.type != "cuda"
-_PYTEST_CONFIGS = configs(smoke=_SMOKE, quick=True)
-
 
 @functools.cache
-def _pytest_inputs(config: Config) -> dict:
-    inputs = make_inputs(config, _DEVICE)
-    inputs["expected"] = expected_output(config, inputs)
-    inputs["error_limit"] = 2 * max_error(eager(inputs), inputs["expected"]) + 1e-3
-    return inputs
+def _pytest_inputs(config: Config) -> tuple[dict, dict, float]:
+    inputs = make_inputs(config, harness.PYTEST_DEVICE)
+    expected = dict(tree=expected_output(config, inputs), decode=expected_decode_output(inputs))
+    return inputs, expected, 2 * max_error(eager(inputs), expected["tree"]) + 1e-3
 
 
-@pytest.mark.parametrize("backend", backends_for(_DEVICE)[0])
-@pytest.mark.parametrize("config", _PYTEST_CONFIGS, ids=str)
+@pytest.mark.parametrize("backend", backends_for(harness.PYTEST_DEVICE)[0])
+@pytest.mark.parametrize("config", configs(smoke=harness.PYTEST_SMOKE, quick=True), ids=str)
 def test_tree_attention(benchmark, config: Config, backend: str) -> None:
-    inputs = _pytest_inputs(config)
-    if backend == "flex":
-        inputs["block_mask"] = flex_block_mask(inputs)
-    fn = functools.partial(BACKENDS[backend], inputs)
-    out = fn()
-    if backend == "sdpa_decode":
-        expected = expected_decode_output(inputs)
-    else:
-        expected = inputs["expected"]
-    assert max_error(out, expected) <= inputs["error_limit"]
-    info = describe_device(_DEVICE)
-    benchmark.group = str(config)
-    benchmark.extra_info.update(device=info.name, smoke_test=_SMOKE, bytes=config.bytes_moved)
-    if not _SMOKE:
-        timing = time_fn(fn, _DEVICE)
-        gbps = bandwidth_gbps(config.bytes_moved, timing.median_us)
-        benchmark.extra_info.update(
-            do_bench_median_us=timing.median_us,
-            do_bench_p20_us=timing.p20_us,
-            do_bench_p80_us=timing.p80_us,
-            gbps=gbps,
-            pct_peak=percent_of_peak(gbps, info),
-        )
-    benchmark_synced(benchmark, fn, _DEVICE, smoke=_SMOKE)
+    inputs, expected, limit = _pytest_inputs(config)
+    fn, error = checked_call(backend, inputs, expected)
+    assert error <= limit
+    harness.pytest_benchmark(benchmark, fn, config, config.bytes_moved)
 
 
 def test_bytes_formula() -> None:
     config = Config("mha", 1, 32, 32, 64, 4096, 128, torch.bfloat16)
     assert config.bytes_moved == 2 * 4096 * 32 * 128 * 2  # 64 MiB: K and V of one layer
-    assert math.isclose(bandwidth_gbps(config.bytes_moved, 20.0), 3355.4432)
+    assert math.isclose(harness.bandwidth_gbps(config.bytes_moved, 20.0), 3355.4432)
 
 
 if __name__ == "__main__":

@@ -32,47 +32,24 @@ few iterations) that proves the script works and claims nothing about speed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import sys
-from collections.abc import Callable
 
+import _common as harness
 import pytest
 import torch
-from _common import (
-    SMOKE_BANNER,
-    DeviceInfo,
-    bandwidth_gbps,
-    benchmark_synced,
-    describe_device,
-    finish_run,
-    format_table,
-    percent_of_peak,
-    results_payload,
-    run_configs,
-    script_arg_parser,
-    synchronize,
-    time_cpu,
-    time_fn,
-)
 
 import crossspec_kernels
-from crossspec_kernels import _ext
-from crossspec_kernels.ops._dispatch import triton_available
 from crossspec_kernels.reference import VerifyBuffers
 from crossspec_kernels.testing import make_case
 
+OP = "verify"
 VOCAB = 32064  # Vicuna-7B, the Video-LLaVA language model
 SMOKE_VOCAB = 1000
 TEMPERATURE = 1.0  # sampled modes
 SEED = 1234
 CASE_SEED = 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Configurations
-# ----------------------------------------------------------------------------------------------
 
 MODES = {
     # name: (temperature, draft_probs given, what it is)
@@ -80,8 +57,6 @@ MODES = {
     "sampled_probs": (TEMPERATURE, True, "T=1, draft_probs given: recursive rejection sampling"),
     "sampled_det": (TEMPERATURE, False, "T=1, draft_probs None: deterministic candidates"),
 }
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +82,7 @@ class Config:
         return per_tensor * (2 if self.with_probs else 1)
 
     def __str__(self) -> str:
-        return f"{self.mode}-B{self.batch}-k{self.num_nodes}-V{self.vocab}-{DTYPE_NAMES[self.dtype]}"
+        return f"{self.mode}-B{self.batch}-k{self.num_nodes}-V{self.vocab}-{harness.DTYPE_NAMES[self.dtype]}"
 
 
 def configs(*, smoke: bool, quick: bool) -> list[Config]:
@@ -206,14 +181,14 @@ def eager_candidates(target_logits: torch.Tensor, draft_tokens: torch.Tensor, te
     return _assemble(draft_tokens, num_accepted, next_token)
 
 
-def eager_verify(config: Config, inputs: dict):
+def eager_verify(config: Config, inputs: dict, fn=None):
+    fn = fn or _BASELINE_FNS[config.mode]
+    logits, drafts = inputs["target_logits"], inputs["draft_tokens"]
     if config.mode == "greedy":
-        return eager_greedy(inputs["target_logits"], inputs["draft_tokens"])
+        return fn(logits, drafts)
     if config.mode == "sampled_probs":
-        return eager_rejection(
-            inputs["target_logits"], inputs["draft_tokens"], inputs["draft_probs"], config.temperature
-        )
-    return eager_candidates(inputs["target_logits"], inputs["draft_tokens"], config.temperature)
+        return fn(logits, drafts, inputs["draft_probs"], config.temperature)
+    return fn(logits, drafts, config.temperature)
 
 
 _BASELINE_FNS = {"greedy": eager_greedy, "sampled_probs": eager_rejection, "sampled_det": eager_candidates}
@@ -221,23 +196,8 @@ _BASELINE_FNS = {"greedy": eager_greedy, "sampled_probs": eager_rejection, "samp
 
 @functools.cache
 def _compiled(mode: str):
-    import torch._dynamo
-
-    # One graph per shape (dynamic=False): raise the recompile limit above the number of configs,
-    # or dynamo would quietly fall back to eager after the default 8.
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
+    harness.raise_recompile_limit()
     return torch.compile(_BASELINE_FNS[mode], dynamic=False)
-
-
-def compiled_verify(config: Config, inputs: dict):
-    fn = _compiled(config.mode)
-    if config.mode == "greedy":
-        return fn(inputs["target_logits"], inputs["draft_tokens"])
-    if config.mode == "sampled_probs":
-        return fn(inputs["target_logits"], inputs["draft_tokens"], inputs["draft_probs"], config.temperature)
-    return fn(inputs["target_logits"], inputs["draft_tokens"], config.temperature)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,15 +212,8 @@ def backends_for(device: torch.device, *, compile_baseline: bool = False) -> tup
     """(backends to time, notes on those left out)."""
     if device.type != "cuda":
         return ["torch", "reference", "eager"], ["cuda, triton: no CUDA device"]
-    chosen, notes = [], ["reference: run once per config as the correctness oracle, not timed"]
-    if _ext.is_available():
-        chosen.append("cuda")
-    else:
-        notes.append("cuda: crossspec_kernels._C is not built (see `crossspec info`)")
-    if triton_available():
-        chosen.append("triton")
-    else:
-        notes.append("triton: not installed")
+    chosen, notes = harness.kernel_backends()
+    notes.insert(0, harness.ORACLE_NOTE)
     chosen += ["torch", "eager"]
     if compile_baseline:
         chosen.append("compiled")
@@ -269,8 +222,15 @@ def backends_for(device: torch.device, *, compile_baseline: bool = False) -> tup
     return chosen, notes
 
 
-def ours(backend: str, config: Config, inputs: dict, *, validate_tree: bool):
-    return crossspec_kernels.verify(
+def op_callable(backend: str, config: Config, inputs: dict, *, validate_tree: bool = False):
+    """A zero-argument call of one backend on one config, as timed. validate_tree=False: reading the
+    parents' values is a host sync, which must not be in the timed region; run_checked validates."""
+    if backend == "eager":
+        return lambda: eager_verify(config, inputs)
+    if backend == "compiled":
+        return lambda: eager_verify(config, inputs, _compiled(config.mode))
+    return functools.partial(
+        crossspec_kernels.verify,
         inputs["target_logits"],
         inputs["draft_tokens"],
         None,  # a chain
@@ -282,26 +242,10 @@ def ours(backend: str, config: Config, inputs: dict, *, validate_tree: bool):
     )
 
 
-def op_callable(backend: str, config: Config, inputs: dict) -> Callable[[], object]:
-    """A zero-argument call of one backend on one config, as timed."""
-    if backend == "eager":
-        return lambda: eager_verify(config, inputs)
-    if backend == "compiled":
-        return lambda: compiled_verify(config, inputs)
-    # validate_tree=False: reading the parents' values is a host sync, which must not be in the
-    # timed region; run_checked validates the same call once beforehand.
-    return lambda: ours(backend, config, inputs, validate_tree=False)
-
-
 def run_checked(backend: str, config: Config, inputs: dict):
     """One untimed call with full validation; also warms up (Triton compile, torch.compile trace)."""
-    if backend == "eager":
-        out = eager_verify(config, inputs)
-    elif backend == "compiled":
-        out = compiled_verify(config, inputs)
-    else:
-        out = ours(backend, config, inputs, validate_tree=True)
-    synchronize(inputs["target_logits"].device)
+    out = op_callable(backend, config, inputs, validate_tree=True)()
+    harness.synchronize(inputs["target_logits"].device)
     return out
 
 
@@ -392,7 +336,7 @@ def host_time_rows(device: torch.device, backends: list[str]) -> tuple[list[dict
                     )
                     if not same_output(call(), expected):
                         problems.append(f"host time {config} {variant} {backend}: differs from the reference")
-                    timing = time_cpu(call, iterations=HOST_ITERATIONS, warmup=10)  # no device sync
+                    timing = harness.time_cpu(call, iterations=HOST_ITERATIONS, warmup=10)  # no device sync
                     rows.append(
                         dict(
                             config=str(config),
@@ -417,140 +361,93 @@ HOST_TABLE_COLUMNS = (
 )
 
 
+def host_time_report(rows, device, info, backends) -> tuple[dict, list[str]]:
+    print(f"\nhost time per call (round-style call, {torch.get_num_threads()} threads):")
+    host_rows, problems = host_time_rows(device, backends)
+    print(harness.format_table(host_rows, HOST_TABLE_COLUMNS))
+    method = f"time.perf_counter per call, {HOST_ITERATIONS} calls after 10 warm-up calls, no device sync"
+    calls = host_time_rows.__doc__.split(". On a GPU")[0]
+    return dict(host_time=dict(method=method, calls=calls, rows=host_rows)), problems
+
+
 # ----------------------------------------------------------------------------------------------
 # Script mode
 # ----------------------------------------------------------------------------------------------
 
 
-def benchmark_config(
-    config: Config, device: torch.device, info: DeviceInfo, backends: list[str], *, quick: bool
-) -> tuple[list[dict], list[str]]:
+def benchmark_config(config: Config, device, info, backends: list[str], *, quick: bool):
     inputs = make_inputs(config, device)
     # The reference is the oracle: every backend must match it exactly, the baselines in greedy.
     reference_out, problems = check_backend("reference", config, inputs)
     problems = [f"{config} reference: {p}" for p in problems]
-    rows = []
-    for backend in backends:
-        row = dict(
-            config=str(config),
-            mode=config.mode,
-            batch=config.batch,
-            k=config.num_nodes,
-            vocab=config.vocab,
-            dtype=DTYPE_NAMES[config.dtype],
-            backend=backend,
-            bytes=config.bytes_read,
+
+    def prepare(backend):
+        out, found = check_backend(backend, config, inputs, reference_out)
+        return (
+            op_callable(backend, config, inputs),
+            dict(mean_accepted=float(out.num_accepted.float().mean())),
+            found,
         )
-        try:
-            out, found = check_backend(backend, config, inputs, reference_out)
-            row["mean_accepted"] = float(out.num_accepted.float().mean())
-            row["checks"] = "ok" if not found else "; ".join(found)
-            problems += [f"{config} {backend}: {p}" for p in found]
-            timing = time_fn(op_callable(backend, config, inputs), device, quick=quick)
-        except Exception as error:  # one broken backend must not lose the others' numbers
-            row["error"] = f"{type(error).__name__}: {error}"
-            problems.append(f"{config} {backend}: {row['error']}")
-            rows.append(row)
-            continue
-        gbps = bandwidth_gbps(config.bytes_read, timing.median_us)
-        row.update(
-            median_us=timing.median_us,
-            p20_us=timing.p20_us,
-            p80_us=timing.p80_us,
-            gbps=gbps,
-            pct_peak=percent_of_peak(gbps, info),
-            timing_method=timing.method,
-        )
-        rows.append(row)
-    eager = next((r for r in rows if r["backend"] == "eager" and "median_us" in r), None)
-    for row in rows:
-        if eager and "median_us" in row:
-            row["speedup_vs_eager"] = eager["median_us"] / row["median_us"]
-    return rows, problems
+
+    fields = harness.config_fields(config, num_nodes="k")
+    rows, found = harness.measure_backends(
+        config,
+        backends,
+        prepare,
+        device=device,
+        info=info,
+        quick=quick,
+        num_bytes=config.bytes_read,
+        fields=fields,
+    )
+    harness.add_speedups(rows, ["eager"])
+    return rows, problems + found
 
 
-TABLE_COLUMNS = (
-    ("config", "config", ""),
-    ("backend", "backend", ""),
-    ("median_us", "median us", ".1f"),
-    ("p20_us", "p20 us", ".1f"),
-    ("p80_us", "p80 us", ".1f"),
-    ("gbps", "GB/s", ".1f"),
-    ("pct_peak", "% HBM", ".1f"),
-    ("speedup_vs_eager", "x eager", ".2f"),
-    ("mean_accepted", "mean acc", ".2f"),
-    ("checks", "checks", ""),
+TABLE_COLUMNS = harness.op_columns(
+    ("speedup_vs_eager", "x eager", ".2f"), ("mean_accepted", "mean acc", ".2f"), ("checks", "checks", "")
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = script_arg_parser("verify", __doc__.split("\n\n")[0])
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the baseline")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    smoke = device.type != "cuda"
-    if smoke and args.compile:
-        print("--compile is ignored in the CPU smoke test")
-    info = describe_device(device, peak_gbps=args.peak_gbs)
-    if smoke:
-        print(SMOKE_BANNER)
-    print(f"device: {info.name}; peak bandwidth: {info.peak_source}")
-    backends, notes = backends_for(device, compile_baseline=args.compile and not smoke)
-    print(f"timed: {', '.join(backends)}" + "".join(f"\nnot timed: {note}" for note in notes))
+    parser = harness.script_arg_parser(OP, __doc__.split("\n\n")[0])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the baseline")
+    args = parser.parse_args(argv)
 
-    all_rows, problems = run_configs(
-        configs(smoke=smoke, quick=args.quick),
-        lambda config: benchmark_config(config, device, info, backends, quick=args.quick),
-    )
+    def backends(device, smoke):
+        if smoke and args.compile:
+            print("--compile is ignored in the CPU smoke test")
+        return backends_for(device, compile_baseline=args.compile and not smoke)
 
-    print()
-    print(format_table(all_rows, TABLE_COLUMNS))
-    print(f"\nhost time per call (round-style call, {torch.get_num_threads()} threads):")
-    host_rows, host_problems = host_time_rows(device, backends)
-    problems += host_problems
-    print(format_table(host_rows, HOST_TABLE_COLUMNS))
-    if smoke:
-        print(SMOKE_BANNER)
-
-    payload = results_payload(
-        "verify",
-        smoke,
-        info,
+    return harness.run_op_benchmark(
+        OP,
+        args,
         backends,
-        notes,
-        all_rows,
-        problems,
+        configs,
+        benchmark_config,
+        TABLE_COLUMNS,
+        after=host_time_report,
         bytes_formula="B*(k+1)*V*sizeof(logits dtype), doubled when draft_probs is given",
         inputs=(
             "crossspec_kernels.testing.make_case(B, k, V, with_probs, temperature=1.0, seed=0): chains, 70% of "
             f"drafts are the target's choice; verify seed={SEED}, sampled temperature={TEMPERATURE}"
         ),
         modes={name: description for name, (_, _, description) in MODES.items()},
-        host_time=dict(
-            method=f"time.perf_counter per call, {HOST_ITERATIONS} calls after 10 warm-up calls, no device sync",
-            calls=host_time_rows.__doc__.split(". On a GPU")[0],
-            rows=host_rows,
-        ),
     )
-    return finish_run("verify", args.out, smoke, info, payload, problems)
 
 
 # ----------------------------------------------------------------------------------------------
 # pytest-benchmark mode: `pytest bench/bench_verify.py` (bench/conftest.py collects bench_*.py)
 # ----------------------------------------------------------------------------------------------
 
-_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_SMOKE = _DEVICE.type != "cuda"
-_PYTEST_BACKENDS = ("torch", "reference", "eager") if _SMOKE else ("cuda", "triton", "torch", "eager")
+_PYTEST_BACKENDS = (
+    ("torch", "reference", "eager") if harness.PYTEST_SMOKE else ("cuda", "triton", "torch", "eager")
+)
 
 
 @functools.cache
 def _pytest_inputs(config: Config) -> dict:
-    return make_inputs(config, _DEVICE)
+    return make_inputs(config, harness.PYTEST_DEVICE)
 
 
 @functools.cache
@@ -559,43 +456,29 @@ def _pytest_reference(config: Config):
 
 
 @pytest.mark.parametrize("backend", _PYTEST_BACKENDS)
-@pytest.mark.parametrize("config", configs(smoke=_SMOKE, quick=False), ids=str)
+@pytest.mark.parametrize("config", configs(smoke=harness.PYTEST_SMOKE, quick=False), ids=str)
 def test_verify(benchmark, config: Config, backend: str) -> None:
-    if backend == "cuda" and not _ext.is_available():
+    if backend == "cuda" and not harness.extension_built():
         pytest.skip("crossspec_kernels._C is not built")
     inputs = _pytest_inputs(config)
     reference_out = None if backend == "reference" else _pytest_reference(config)
     out, problems = check_backend(backend, config, inputs, reference_out)
     assert not problems, problems
-    info = describe_device(_DEVICE)
-    benchmark.group = str(config)
-    benchmark.extra_info.update(
-        device=info.name,
-        smoke_test=_SMOKE,
-        bytes=config.bytes_read,
-        mean_accepted=float(out.num_accepted.float().mean()),
-    )
     fn = op_callable(backend, config, inputs)
-    if not _SMOKE:
-        timing = time_fn(fn, _DEVICE)
-        gbps = bandwidth_gbps(config.bytes_read, timing.median_us)
-        benchmark.extra_info.update(
-            do_bench_median_us=timing.median_us,
-            do_bench_p20_us=timing.p20_us,
-            do_bench_p80_us=timing.p80_us,
-            gbps=gbps,
-            pct_peak=percent_of_peak(gbps, info),
-        )
-    benchmark_synced(benchmark, fn, _DEVICE, smoke=_SMOKE)
+    harness.pytest_benchmark(
+        benchmark, fn, config, config.bytes_read, mean_accepted=float(out.num_accepted.float().mean())
+    )
 
 
 @pytest.mark.parametrize(
-    "config", [c for c in configs(smoke=_SMOKE, quick=False) if c.mode == "greedy"], ids=str
+    "config", [c for c in configs(smoke=harness.PYTEST_SMOKE, quick=False) if c.mode == "greedy"], ids=str
 )
 def test_eager_greedy_matches_ours(config: Config) -> None:
     """The baseline is a fair one only if it computes the same thing: greedy tokens must be equal."""
     inputs = _pytest_inputs(config)
-    ours = run_checked("cuda" if _ext.is_available() and not _SMOKE else "reference", config, inputs)
+    ours = run_checked(
+        "cuda" if harness.extension_built() and not harness.PYTEST_SMOKE else "reference", config, inputs
+    )
     assert same_output(eager_greedy(inputs["target_logits"], inputs["draft_tokens"]), ours)
     assert int(ours.num_accepted.sum()) > 0, "the benchmark inputs must accept drafts"
 

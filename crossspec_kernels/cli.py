@@ -87,8 +87,11 @@ def run_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # The commands' modules keep torch and transformers imports inside their functions.
     from crossspec_kernels.adapter_tools.cli import add_adapter_parser
+    from crossspec_kernels.benchmark.cli import add_bench_parser
+    from crossspec_kernels.datasets.cli import add_data_parser
     from crossspec_kernels.demo import add_demo_parser
     from crossspec_kernels.generate_cli import add_generate_parser
+    from crossspec_kernels.serving.cli import add_serve_parser
 
     parser = argparse.ArgumentParser(
         prog="crossspec",
@@ -102,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = add_command(sub, "info", help="versions, extension build, devices and backend choice")
     info.set_defaults(func=run_info)
     add_adapter_parser(sub)
+    add_data_parser(sub)
+    add_bench_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
