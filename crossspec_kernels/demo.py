@@ -63,8 +63,7 @@ def make_request(drafter_config, clip_seed: int, device) -> tuple[dict, dict, in
 
     from crossspec_kernels import events_to_frames
     from crossspec_kernels.events import synthetic_clip
-    from crossspec_kernels.models.eventgpt import EventGPTPromptBuilder, preprocess_event_frames
-    from crossspec_kernels.testing_models import IMAGE_SIZE, NUM_FRAMES, VIDEO_TOKEN_ID, VIDEO_TOKENS
+    from crossspec_kernels.testing_models import NUM_FRAMES
 
     events, video = synthetic_clip(
         num_frames=NUM_FRAMES,
@@ -80,6 +79,17 @@ def make_request(drafter_config, clip_seed: int, device) -> tuple[dict, dict, in
     )
     gen = torch.Generator().manual_seed(clip_seed)
     question = torch.randint(3, 100, (int(torch.randint(3, 8, (1,), generator=gen)),), generator=gen)
+    return (*tiny_inputs(video, frames, question, drafter_config, device), len(events))
+
+
+def tiny_inputs(video, event_frames, question, drafter_config, device) -> tuple[dict, dict]:
+    """(target inputs, drafter inputs) of the tiny models for one clip: ``video`` [T, 3, H, W] frames,
+    ``event_frames`` the EventGPT raster, ``question`` [L] token ids (no tokenizer at this size)."""
+    import torch
+
+    from crossspec_kernels.models.eventgpt import EventGPTPromptBuilder, preprocess_event_frames
+    from crossspec_kernels.testing_models import IMAGE_SIZE, VIDEO_TOKEN_ID, VIDEO_TOKENS
+
     bos = torch.tensor([1])
     target_ids = torch.cat([bos, torch.full((VIDEO_TOKENS,), VIDEO_TOKEN_ID), question])[None]
     target_inputs = {
@@ -88,13 +98,14 @@ def make_request(drafter_config, clip_seed: int, device) -> tuple[dict, dict, in
         "pixel_values_videos": preprocess_event_frames(video, IMAGE_SIZE)[None],
     }
     drafter_ids = EventGPTPromptBuilder(drafter_config)(question)[None]
+    image_size = drafter_config.vision_config.image_size
     drafter_inputs = {
         "input_ids": drafter_ids,
         "attention_mask": torch.ones_like(drafter_ids),
-        "event_pixel_values": preprocess_event_frames(frames, drafter_config.vision_config.image_size)[None],
+        "event_pixel_values": preprocess_event_frames(event_frames, image_size)[None],
     }
     on = lambda inputs: {key: value.to(device) for key, value in inputs.items()}
-    return on(target_inputs), on(drafter_inputs), len(events)
+    return on(target_inputs), on(drafter_inputs)
 
 
 def left_pad_batch(requests: list[dict]) -> dict:

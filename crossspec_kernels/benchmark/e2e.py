@@ -60,9 +60,9 @@ def question_ids(question: str) -> torch.Tensor:
 def make_request(sample, drafter_config, device: torch.device) -> tuple[dict, dict, int]:
     """(target inputs, drafter inputs, number of events) of one manifest sample."""
     from crossspec_kernels import events_to_frames
+    from crossspec_kernels.demo import tiny_inputs
     from crossspec_kernels.generate_inputs import load_events, load_video
-    from crossspec_kernels.models.eventgpt import EventGPTPromptBuilder, preprocess_event_frames
-    from crossspec_kernels.testing_models import IMAGE_SIZE, NUM_FRAMES, VIDEO_TOKEN_ID, VIDEO_TOKENS
+    from crossspec_kernels.testing_models import NUM_FRAMES
 
     frames, _ = load_video(str(sample.video), NUM_FRAMES)
     events, _ = load_events(str(sample.events), sample.window_us, sample.sensor_size)
@@ -75,22 +75,11 @@ def make_request(sample, drafter_config, device: torch.device) -> tuple[dict, di
         representation="eventgpt",
         num_frames=drafter_config.num_frames,
     )
-    question = question_ids(sample.question)
-    target_ids = torch.cat([torch.tensor([1]), torch.full((VIDEO_TOKENS,), VIDEO_TOKEN_ID), question])[None]
     video = torch.from_numpy(frames).permute(0, 3, 1, 2)
-    target_inputs = {
-        "input_ids": target_ids,
-        "attention_mask": torch.ones_like(target_ids),
-        "pixel_values_videos": preprocess_event_frames(video, IMAGE_SIZE)[None],
-    }
-    drafter_ids = EventGPTPromptBuilder(drafter_config)(question)[None]
-    drafter_inputs = {
-        "input_ids": drafter_ids,
-        "attention_mask": torch.ones_like(drafter_ids),
-        "event_pixel_values": preprocess_event_frames(raster, drafter_config.vision_config.image_size)[None],
-    }
-    on = lambda inputs: {key: value.to(device) for key, value in inputs.items()}
-    return on(target_inputs), on(drafter_inputs), len(events)
+    target_inputs, drafter_inputs = tiny_inputs(
+        video, raster, question_ids(sample.question), drafter_config, device
+    )
+    return target_inputs, drafter_inputs, len(events)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,10 +61,9 @@ def tiny_inputs(
     import torch
 
     from crossspec_kernels import events_to_frames
-    from crossspec_kernels.demo import CLIP_US, EVENT_RATE, SENSOR
+    from crossspec_kernels.demo import CLIP_US, EVENT_RATE, SENSOR, tiny_inputs
     from crossspec_kernels.events import synthetic_clip
-    from crossspec_kernels.models.eventgpt import EventGPTPromptBuilder, preprocess_event_frames
-    from crossspec_kernels.testing_models import IMAGE_SIZE, NUM_FRAMES, VIDEO_TOKEN_ID, VIDEO_TOKENS
+    from crossspec_kernels.testing_models import NUM_FRAMES
 
     events, video = synthetic_clip(
         num_frames=NUM_FRAMES,
@@ -85,21 +84,7 @@ def tiny_inputs(
         backend=backend,
     )
     question = torch.tensor(list(question_ids), dtype=torch.int64)
-    bos = torch.tensor([1])
-    target_ids = torch.cat([bos, torch.full((VIDEO_TOKENS,), VIDEO_TOKEN_ID), question])[None]
-    target_inputs = {
-        "input_ids": target_ids,
-        "attention_mask": torch.ones_like(target_ids),
-        "pixel_values_videos": preprocess_event_frames(video, IMAGE_SIZE)[None],
-    }
-    drafter_ids = EventGPTPromptBuilder(drafter_config)(question)[None]
-    drafter_inputs = {
-        "input_ids": drafter_ids,
-        "attention_mask": torch.ones_like(drafter_ids),
-        "event_pixel_values": preprocess_event_frames(frames, drafter_config.vision_config.image_size)[None],
-    }
-    on = lambda inputs: {key: value.to(device) for key, value in inputs.items()}
-    return on(target_inputs), on(drafter_inputs)
+    return tiny_inputs(video, frames, question, drafter_config, device)
 
 
 def build_tiny_models(seed: int, device="cpu"):
