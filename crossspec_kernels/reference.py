@@ -379,9 +379,6 @@ def tree_attention(
     Non-finite inputs follow IEEE arithmetic over what a query sees, as the kernels do: a NaN in a
     query, or a NaN/inf in a key or value that the query sees, makes its output NaN; anything at
     a position the query does not see (left padding, other branches, stale slots) never matters.
-    One known difference: the Triton kernel multiplies a tile of probabilities by the tile's
-    values, so a non-finite *value* at a tree node also poisons the queries of its tile that do
-    not see it (a target whose forward wrote NaN into its own cache).
     """
     batch, q_heads, num_queries, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]

@@ -157,6 +157,7 @@ def _tree_attention_split_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    poisoned = tl.zeros((BLOCK_M,), tl.int1)  # queries that saw a non-finite value at a tree tile
 
     # Prefix: whole tiles in [lo, min(hi, L - Q)) are visible to every query. Their rows are all in
     # bounds, so only the head-dim mask remains (and folds away for D = 64, 128).
@@ -193,10 +194,16 @@ def _tree_attention_split_kernel(
         kv_mask = pos_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + pos64[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + pos64[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+        # p @ v would spread a non-finite value to every query of the tile (0 * NaN = NaN), also to
+        # those that do not see it: multiply cleaned values, poison only the queries that see one.
+        v_bad = tl.max(((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32), axis=1) > 0  # [N]
+        v = tl.where(v_bad[:, None], 0.0, v)
+        poisoned |= tl.max((visible & v_bad[None, :]).to(tl.int32), axis=1) > 0
         m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, qk_scale, visible, True, DOT_PRECISION)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw nothing: acc = 0, so 0
+    out = tl.where(poisoned[:, None], float("nan"), out)
     store_mask = row_ok[:, None] & d_ok[None, :]
     if SINGLE_SPLIT:
         tl.store(
