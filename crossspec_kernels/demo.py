@@ -57,8 +57,13 @@ def build_models(device, seed: int):
     return target.to(device), drafter.to(device)
 
 
-def make_request(drafter_config, clip_seed: int, device) -> tuple[dict, dict, int]:
-    """One request: (target inputs, drafter inputs, number of events) for a synthetic clip."""
+def make_request(
+    drafter_config, clip_seed: int, device, *, question=None, backend: str | None = None
+) -> tuple[dict, dict, int]:
+    """One request: (target inputs, drafter inputs, number of events) for a synthetic clip.
+
+    ``question``: [L] token ids (default: random ids drawn from ``clip_seed``); ``backend``:
+    events_to_frames' backend (None: its default for the device)."""
     import torch
 
     from crossspec_kernels import events_to_frames
@@ -75,10 +80,17 @@ def make_request(drafter_config, clip_seed: int, device) -> tuple[dict, dict, in
         num_objects=3,
     )
     frames = events_to_frames(
-        events.x, events.y, events.t, events.p, sensor_size=events.sensor_size, representation="eventgpt"
+        events.x,
+        events.y,
+        events.t,
+        events.p,
+        sensor_size=events.sensor_size,
+        representation="eventgpt",
+        backend=backend,
     )
-    gen = torch.Generator().manual_seed(clip_seed)
-    question = torch.randint(3, 100, (int(torch.randint(3, 8, (1,), generator=gen)),), generator=gen)
+    if question is None:
+        gen = torch.Generator().manual_seed(clip_seed)
+        question = torch.randint(3, 100, (int(torch.randint(3, 8, (1,), generator=gen)),), generator=gen)
     return (*tiny_inputs(video, frames, question, drafter_config, device), len(events))
 
 

@@ -19,34 +19,9 @@ NEW_TOKENS = 12
 TEMPERATURE = 0.05  # the tiny models' logits are nearly flat (std ~0.17): sharpen them
 
 
-def perturbed(model, scale: float, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(
-                torch.randn(parameter.shape, generator=gen) * scale * parameter.std().clamp_min(1e-3)
-            )
-    return model
-
-
-@pytest.fixture(scope="module")
-def reference_model():
-    return tm.tiny_video_llava(seed=0)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tm.tiny_video_llava(seed=0)
-
-
 @pytest.fixture(scope="module")
 def drafter():
     return tm.perturbed(tm.tiny_video_llava(seed=0), 0.3, seed=5)
-
-
-@pytest.fixture(scope="module")
-def batch_inputs():
-    return tm.video_batch()
 
 
 single = tm.single_row

@@ -28,22 +28,6 @@ DRAFTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def reference_model():
-    return tm.tiny_video_llava(seed=0)  # eager attention, never touched by the engine
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tm.tiny_video_llava(seed=0)
-
-
-@pytest.fixture(scope="module")
-def batch_inputs():
-    """Two left-padded video prompts of different lengths."""
-    return tm.video_batch()
-
-
 single = tm.single_row
 perturbed = tm.perturbed
 

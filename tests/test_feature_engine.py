@@ -31,21 +31,6 @@ def b1_head(target, seed: int = 0) -> FeatureHead:
     return head
 
 
-@pytest.fixture(scope="module")
-def reference_model():
-    return tm.tiny_video_llava(seed=0)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tm.tiny_video_llava(seed=0)
-
-
-@pytest.fixture(scope="module")
-def batch_inputs():
-    return tm.video_batch()
-
-
 def expected(reference_model, inputs: dict) -> torch.Tensor:
     out = reference_model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     return out[:, inputs["input_ids"].shape[1] :]

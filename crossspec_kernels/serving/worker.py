@@ -60,31 +60,13 @@ def tiny_inputs(
     ``backend`` is events_to_frames' backend (None: its default for the device)."""
     import torch
 
-    from crossspec_kernels import events_to_frames
-    from crossspec_kernels.demo import CLIP_US, EVENT_RATE, SENSOR, tiny_inputs
-    from crossspec_kernels.events import synthetic_clip
-    from crossspec_kernels.testing_models import NUM_FRAMES
+    from crossspec_kernels.demo import make_request
 
-    events, video = synthetic_clip(
-        num_frames=NUM_FRAMES,
-        height=SENSOR[0],
-        width=SENSOR[1],
-        duration_us=CLIP_US,
-        events_per_second=EVENT_RATE,
-        seed=clip_seed,
-        num_objects=3,
-    )
-    frames = events_to_frames(
-        events.x,
-        events.y,
-        events.t,
-        events.p,
-        sensor_size=events.sensor_size,
-        representation="eventgpt",
-        backend=backend,
-    )
     question = torch.tensor(list(question_ids), dtype=torch.int64)
-    return tiny_inputs(video, frames, question, drafter_config, device)
+    target_inputs, drafter_inputs, _ = make_request(
+        drafter_config, clip_seed, device, question=question, backend=backend
+    )
+    return target_inputs, drafter_inputs
 
 
 def build_tiny_models(seed: int, device="cpu"):
