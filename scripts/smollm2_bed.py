@@ -37,6 +37,21 @@ TRAIN_TEMPLATES = (
     "List some common misconceptions about {topic}.",
     "Write a haiku and then a short explanation about {topic}.",
 )
+# Added for the third head: more instruction styles widen the corpus (held-out templates stay disjoint).
+MORE_TRAIN_TEMPLATES = (
+    "Can you explain how {topic} works, step by step?",
+    "Tell me a short story that teaches something about {topic}.",
+    "What is the most important thing to know about {topic}?",
+    "Write the introduction of a blog post about {topic}.",
+    "What are the pros and cons of {topic}?",
+    "Give a simple definition of {topic} and one example.",
+    "I am studying {topic} for an exam. What should I focus on?",
+    "Write a friendly email to a friend about {topic}.",
+    "What would the world be like without {topic}?",
+    "Create a short quiz with three questions about {topic}.",
+    "Explain {topic} in one paragraph for a newspaper.",
+    "Which jobs have something to do with {topic}?",
+)
 HELD_OUT_TEMPLATES = (
     "Describe {topic} as if you were a tour guide.",
     "How would you teach {topic} to a ten-year-old?",
@@ -166,6 +181,68 @@ TRAIN_TOPICS = (
     "tomatoes",
     "the Pacific Ocean",
 )
+MORE_TRAIN_TOPICS = (
+    "rockets",
+    "tigers",
+    "the Eiffel Tower",
+    "soap",
+    "clocks",
+    "maps",
+    "the ancient Greeks",
+    "sailing",
+    "bamboo",
+    "frogs",
+    "red blood cells",
+    "thunderstorms",
+    "the guitar",
+    "cheetahs",
+    "paper making",
+    "satellites",
+    "the Aztecs",
+    "carpentry",
+    "the human skeleton",
+    "geothermal energy",
+    "ants",
+    "comets",
+    "pottery",
+    "the Mongol Empire",
+    "swimming",
+    "salt",
+    "the Arctic",
+    "sound waves",
+    "whales",
+    "typewriters",
+    "allergies",
+    "coffee shops",
+    "the French language",
+    "algebra",
+    "hot air balloons",
+    "fossils",
+    "dinosaurs",
+    "mountain climbing",
+    "camping",
+    "the bicycle chain",
+    "lightning",
+    "parrots",
+    "the Moon landing",
+    "sculpture",
+    "electricity",
+    "the Mediterranean Sea",
+    "wheat",
+    "ballet",
+    "gravity",
+    "sunflowers",
+    "the Byzantine Empire",
+    "newspapers",
+    "horses",
+    "the digestive system",
+    "fireworks",
+    "seashells",
+    "cloud computing",
+    "the alphabet",
+    "volunteering",
+    "kites",
+)
 HELD_OUT_TOPICS = (
     "lighthouses",
     "coral reefs",
@@ -187,6 +264,15 @@ def build_prompts(templates, topics, seed: int) -> list[str]:
     prompts = [template.format(topic=topic) for template, topic in itertools.product(templates, topics)]
     random.Random(seed).shuffle(prompts)
     return prompts
+
+
+def train_prompts() -> list[str]:
+    """The first heads' 960 prompts first (so their cached generations stay valid), then every new
+    template/topic pair, shuffled."""
+    first = build_prompts(TRAIN_TEMPLATES, TRAIN_TOPICS, seed=0)
+    every = build_prompts(TRAIN_TEMPLATES + MORE_TRAIN_TEMPLATES, TRAIN_TOPICS + MORE_TRAIN_TOPICS, seed=2)
+    seen = set(first)
+    return first + [prompt for prompt in every if prompt not in seen]
 
 
 def encode_chat(tokenizer, prompt: str) -> list[int]:
@@ -231,7 +317,7 @@ def stage_corpus(args, model, tokenizer) -> dict:
     path = args.work_dir / "corpus.json"
     corpus = json.loads(path.read_text()) if path.is_file() else {"train": [], "held_out": []}
     splits = {
-        "train": build_prompts(TRAIN_TEMPLATES, TRAIN_TOPICS, seed=0)[: args.train_prompts],
+        "train": train_prompts()[: args.train_prompts],
         "held_out": build_prompts(HELD_OUT_TEMPLATES, HELD_OUT_TOPICS, seed=1)[: args.eval_prompts],
     }
     for split, prompts in splits.items():
@@ -267,12 +353,24 @@ def stage_train(args, model, corpus):
     # The KL over the 8k most frequent corpus tokens (all the target's greedy choices there) costs
     # a sixth of the full 49k-row LM head; the feature term keeps the rest of the output in place.
     config = FeatureTrainConfig(
-        steps=args.steps, rollout_steps=args.rollout_steps, seed=args.seed, batch_size=4, seq_len=256
+        steps=args.steps,
+        rollout_steps=args.rollout_steps,
+        seed=args.seed,
+        batch_size=4,
+        seq_len=256,
+        lr=args.lr,
     )
+    head = None
+    if args.init_head is not None:  # continue an earlier head on this (wider) corpus
+        from crossspec_kernels.models.adapters import load_adapter
+
+        head = load_adapter(args.init_head, expected_kind="b1", dtype=torch.float32)
+        head.load_embedding(model.get_input_embeddings().weight)
     return train_feature_head(
         model,
         sequences,
         "b1",
+        head=head,
         config=config,
         loss_vocab=frequent_tokens(sequences, 8192),
         checkpoint_dir=args.work_dir / "train",
@@ -450,6 +548,10 @@ def parse_args(argv=None):
         "--steps", type=int, default=4000, help="optimizer steps (the time budget may stop it first)"
     )
     parser.add_argument("--rollout-steps", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument(
+        "--init-head", type=Path, default=None, help="train on from this saved head instead of a new one"
+    )
     parser.add_argument("--gamma", type=int, default=4, help="chain length (offline and engine)")
     parser.add_argument(
         "--tree",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -19,11 +21,23 @@ from crossspec_kernels.benchmark import e2e
 from crossspec_kernels.benchmark.plots import PLOT_FILES
 from crossspec_kernels.benchmark.summary import METRICS, percentile
 from crossspec_kernels.datasets import write_synthetic_dataset
+from crossspec_kernels.models.adapters import AdapterConfig, build_adapter
+from crossspec_kernels.models.feature_head import FeatureHead, feature_head_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 LENGTHS = (3, 6)
-SAMPLE_FIELDS = {"id", "line", "max_new_tokens", "new_tokens", "identical", "first_difference", "speedup"}
+DRAFTINGS = ("identity", "L1 (l1)", "B1 (b1)")
+SAMPLE_FIELDS = {
+    "id",
+    "line",
+    "drafting",
+    "max_new_tokens",
+    "new_tokens",
+    "identical",
+    "first_difference",
+    "speedup",
+}
 BASELINE_FIELDS = {"total_ms", "ttft_ms", "prefill_share", "tokens_per_s", "peak_memory_bytes"}
 ENGINE_FIELDS = {
     "total_ms",
@@ -56,29 +70,48 @@ def manifest(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(manifest, tmp_path_factory):
+def adapters(tmp_path_factory):
+    """An L1 bottleneck adapter and a B1 feature head that fit the benchmark's tiny models."""
+    folder = tmp_path_factory.mktemp("adapters")
+    target, drafter = e2e.build_tiny_models(0, "original", torch.device("cpu"))
+    d_draft = drafter.config.get_text_config().hidden_size
+    d_target = target.config.get_text_config().hidden_size
+    torch.manual_seed(0)
+    config = AdapterConfig(kind="bottleneck", d_draft=d_draft, d_target=d_target, rank=8, label="L1")
+    build_adapter(config).save_pretrained(folder / "l1")
+    FeatureHead(feature_head_config(target.config, "b1")).save_pretrained(folder / "b1")
+    return [str(folder / "l1"), str(folder / "b1")]
+
+
+@pytest.fixture(scope="module")
+def run(manifest, adapters, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench-out")
     extra = ["--plot", str(folder / "plots")] if HAS_MATPLOTLIB else []
+    draftings = ["--adapter", "identity"] + [arg for path in adapters for arg in ("--adapter", path)]
     lengths = ",".join(map(str, LENGTHS))
     start = time.perf_counter()
-    status = cli.main(
-        _bench_argv(manifest, "--max-new-tokens", lengths, "--json", str(folder / "r.json"), *extra)
-    )
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        status = cli.main(
+            _bench_argv(
+                manifest, "--max-new-tokens", lengths, "--json", str(folder / "r.json"), *draftings, *extra
+            )
+        )
     seconds = time.perf_counter() - start
-    return status, seconds, json.loads((folder / "r.json").read_text()), folder
+    return status, seconds, json.loads((folder / "r.json").read_text()), folder, stdout.getvalue()
 
 
 def test_runs_end_to_end_fast_and_engine_equals_generate(run):
-    status, seconds, result, _ = run
+    status, seconds, result, _, stdout = run
     assert status == 0
-    assert seconds < 60
+    assert seconds < 90
     assert result["identical_all"] is True
-    assert len(result["samples"]) == 2 * len(LENGTHS)
+    assert len(result["samples"]) == 2 * len(LENGTHS) * len(DRAFTINGS)
+    assert result["settings"]["draftings"] == list(DRAFTINGS)
     assert all(record["identical"] and record["first_difference"] is None for record in result["samples"])
 
 
 def test_every_per_sample_field_and_aggregate(run):
-    _, _, result, _ = run
+    _, _, result, _, _ = run
     for record in result["samples"]:
         assert set(record) >= SAMPLE_FIELDS
         assert set(record["baseline"]) >= BASELINE_FIELDS
@@ -107,13 +140,13 @@ def test_every_per_sample_field_and_aggregate(run):
                 assert offered_k <= sum(histogram[k:])
             else:
                 assert accepted_k == 0
-    assert set(result["aggregates"]) == {str(n) for n in LENGTHS}
-    for length, summary in result["aggregates"].items():
+    assert list(result["aggregates"]) == list(DRAFTINGS)
+    for (name, length), summary in _summaries(result):
         assert summary["samples"] == 2 and summary["identical"] == 2
         histograms = [
             r["engine"]["accepted_length_histogram"]
             for r in result["samples"]
-            if r["max_new_tokens"] == int(length)
+            if r["max_new_tokens"] == int(length) and r["drafting"] == name
         ]
         total = [sum(h[k] if k < len(h) else 0 for h in histograms) for k in range(max(map(len, histograms)))]
         assert summary["accepted_length_histogram"] == total
@@ -133,9 +166,61 @@ def test_every_per_sample_field_and_aggregate(run):
     assert "pixel_values_videos" in result["assisted"]["reason"]
 
 
+def _summaries(result):
+    for name, by_length in result["aggregates"].items():
+        assert set(by_length) == {str(n) for n in LENGTHS}
+        for length, summary in by_length.items():
+            yield (name, length), summary
+
+
+def test_one_baseline_per_sample_shared_by_every_drafting(run):
+    _, _, result, _, _ = run
+    for length in LENGTHS:
+        for sample in ("clip_0000", "clip_0001"):
+            records = [r for r in result["samples"] if r["id"] == sample and r["max_new_tokens"] == length]
+            assert [r["drafting"] for r in records] == list(DRAFTINGS)
+            assert len({json.dumps(r["baseline"], sort_keys=True) for r in records}) == 1
+            for record in records:
+                assert record["speedup"] == pytest.approx(
+                    record["baseline"]["total_ms"] / record["engine"]["total_ms"]
+                )
+
+
+def test_research_table_has_the_baseline_and_a_row_per_drafting(run):
+    _, _, result, _, stdout = run
+    for length in LENGTHS:
+        table = stdout[stdout.index(f"max_new_tokens {length} (medians)") :].splitlines()
+        assert table[1].split()[0] == "target.generate"
+        for row, name in zip(table[2:], DRAFTINGS):
+            assert row.startswith(name)
+            speedup = result["aggregates"][name][str(length)]["speedup"]["median"]
+            assert f"{speedup:.2f}" in row.split()
+
+
+def test_bad_adapter_is_refused_naming_the_flag(manifest, adapters, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(e2e, "build_tiny_models", lambda *a: pytest.fail("models built before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(_bench_argv(manifest, "--adapter", str(tmp_path)))
+    assert exit_info.value.code == 2
+    assert f"--adapter {tmp_path}: no adapter_config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(_bench_argv(manifest, "--adapter", adapters[0], "--adapter", adapters[0]))
+    assert "given twice" in capsys.readouterr().err
+
+
+def test_adapter_that_does_not_fit_the_models_is_refused(manifest, tmp_path, capsys):
+    config = AdapterConfig(kind="bottleneck", d_draft=48, d_target=48, rank=8, label="L1")
+    build_adapter(config).save_pretrained(tmp_path / "wide")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(_bench_argv(manifest, "--adapter", str(tmp_path / "wide"), "--max-new-tokens", "2"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--adapter {tmp_path / 'wide'}: does not fit the benchmark's models" in err and "48" in err
+
+
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (pip install matplotlib)")
 def test_plot_writes_four_pngs(run):
-    _, _, _, folder = run
+    _, _, _, folder, _ = run
     for name in PLOT_FILES:
         assert (folder / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 

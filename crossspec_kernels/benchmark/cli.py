@@ -53,6 +53,13 @@ def add_e2e_arguments(parser: argparse.ArgumentParser) -> None:
         help="answer lengths to sweep",
     )
     parser.add_argument("--limit", type=int_at_least(1), metavar="N", help="only the first N samples")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        metavar="DIR",
+        help="an adapter or feature head folder (save_pretrained) to run the engine with; repeat for a "
+        "research-style table with one row each; 'identity' = no adapter (the default)",
+    )
     parser.add_argument("--gamma", type=int_at_least(1), default=5, help="chain draft length per round")
     parser.add_argument(
         "--free-token-budget",
@@ -114,6 +121,7 @@ def _check(args: argparse.Namespace):
     except ManifestError as error:
         raise UsageError(f"--manifest: {error}") from None
     samples = samples[: args.limit]
+    _check_adapters(args.adapter or ["identity"])
 
     import torch
 
@@ -128,6 +136,26 @@ def _check(args: argparse.Namespace):
         except (RuntimeError, ValueError) as error:
             raise UsageError(f"--backend {args.backend} cannot run on {device} here: {error}") from None
     return samples, device, backend
+
+
+def _check_adapters(specs: list[str]) -> None:
+    """Every --adapter folder holds a readable adapter config (the weights are checked at load)."""
+    from crossspec_kernels.models.adapters import CONFIG_NAME, AdapterConfig
+
+    if len(set(specs)) != len(specs):
+        raise UsageError(f"--adapter: a folder is given twice in {specs}")
+    for spec in specs:
+        if spec == "identity":
+            continue
+        config = Path(spec) / CONFIG_NAME
+        if not config.is_file():
+            raise UsageError(
+                f"--adapter {spec}: no {CONFIG_NAME} there (a folder written by save_pretrained)"
+            )
+        try:
+            AdapterConfig.from_dict(json.loads(config.read_text()))
+        except (ValueError, TypeError, UnicodeDecodeError) as error:
+            raise UsageError(f"--adapter {spec}: {config} is not a valid adapter config: {error}") from None
 
 
 def _finite(value):
@@ -150,7 +178,7 @@ def run_e2e(args: argparse.Namespace) -> int:
     import torch
 
     from crossspec_kernels.benchmark.e2e import run_benchmark
-    from crossspec_kernels.benchmark.summary import format_table
+    from crossspec_kernels.benchmark.summary import format_research_table, format_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,10 +191,16 @@ def run_e2e(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "warmup": args.warmup,
         "manifest": str(Path(args.manifest).resolve()),
+        "adapters": args.adapter or ["identity"],
     }
-    result = _finite(
-        run_benchmark(samples, args.max_new_tokens, settings, device, show_progress=not args.quiet)
-    )
+    try:
+        result = run_benchmark(samples, args.max_new_tokens, settings, device, show_progress=not args.quiet)
+    except ValueError as error:
+        if not str(error).startswith("--adapter"):
+            raise
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise UsageError(str(error)) from None
+    result = _finite(result)
     environment, used = result["environment"], result["settings"]
     print(
         f"{PROG}: {len(samples)} samples x max_new_tokens {used['max_new_tokens']}; {used['models']}; "
@@ -174,7 +208,7 @@ def run_e2e(args: argparse.Namespace) -> int:
         f"torch {environment['torch']}, transformers {environment['transformers']}"
     )
     print(
-        f"engine: {used['draft']}, adapter {used['adapter']}, free_token_budget {used['free_token_budget']}, "
+        f"engine: {used['draft']}, draftings {', '.join(used['draftings'])}, free_token_budget {used['free_token_budget']}, "
         f"event token layout {used['event_token_layout']}, backend {args.backend}; "
         f"end of sequence {used['end_of_sequence']}; peak memory = {used['peak_memory']}"
     )
@@ -183,9 +217,13 @@ def run_e2e(args: argparse.Namespace) -> int:
         "HF assisted generation: "
         + ("measured" if assisted["available"] else f"not run: {assisted['reason']}")
     )
-    for length, summary in result["aggregates"].items():
+    for length in used["max_new_tokens"]:
         print()
-        print(format_table(int(length), summary))
+        print(format_research_table(length, result["aggregates"]))
+    for name, by_length in result["aggregates"].items():
+        for length, summary in by_length.items():
+            print(f"\n[{name}]")
+            print(format_table(int(length), summary))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {args.json}")

@@ -4,7 +4,8 @@ Also ``python -m crossspec_kernels.benchmark.e2e --manifest FILE.jsonl``. For ev
 and sample, in this order: ``target.generate`` (greedy, the target's own attention), then
 ``CrossSpecEngine.generate`` on the same inputs; the engine's tokens must equal the baseline's
 (a mismatch is printed and makes the exit status 1), then timings, acceptance and memory are
-recorded. HF assisted generation (``target.generate(assistant_model=drafter)``) is tried once;
+recorded. ``--adapter`` (repeatable) runs the engine once per adapter or feature head beside the
+one baseline run: a record per (sample, answer length, drafting), aggregates per drafting. HF assisted generation (``target.generate(assistant_model=drafter)``) is tried once;
 when it cannot run with these models, the reason is reported and no number is made up.
 
 Models: the tiny random Video-LLaVA target and EventGPT drafter of ``crossspec demo`` (the
@@ -21,9 +22,11 @@ import os
 import platform
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
+IDENTITY = "identity"  # --adapter value: the drafter's hidden states as they are (no adapter)
 _MODELS = (
     "tiny random Video-LLaVA (testing_models.tiny_video_llava) + tiny random EventGPT drafter "
     "(its LM copied from the target's)"
@@ -166,17 +169,55 @@ def run_baseline(target, target_inputs, max_new_tokens, memory: PeakMemory, atte
     }
 
 
-def run_engine(target, drafter, target_inputs, drafter_inputs, max_new_tokens, settings, memory) -> dict:
-    from crossspec_kernels.runtime import ChainDraft, CrossSpecEngine
+class Drafting(NamedTuple):
+    """One engine configuration the benchmark runs: an adapter (or a feature head) beside the drafter."""
 
-    engine = CrossSpecEngine(
-        target,
-        drafter,
-        None,
-        draft=ChainDraft(settings["gamma"]),
-        free_token_budget=settings["free_token_budget"],
-        backend=settings["backend"],
-    )
+    name: str  # the research's label (L1, L2, ..., B1) and the folder, or "identity"
+    adapter: torch.nn.Module | None
+    feature_head: torch.nn.Module | None
+
+    def engine(self, target, drafter, settings: dict):
+        from crossspec_kernels.runtime import ChainDraft, CrossSpecEngine
+
+        return CrossSpecEngine(
+            target,
+            drafter,
+            self.adapter,
+            feature_head=self.feature_head,
+            draft=ChainDraft(settings["gamma"]),
+            free_token_budget=settings["free_token_budget"],
+            backend=settings["backend"],
+        )
+
+
+def load_draftings(specs: list[str], target, drafter, settings: dict) -> list[Drafting]:
+    """``--adapter`` values as engine configurations, each built once here so that an adapter that
+    does not fit these models fails before anything is timed (ValueError naming the folder)."""
+    from crossspec_kernels.models.adapters import FEATURE_HEAD_KINDS, load_adapter
+
+    device = next(target.parameters()).device
+    draftings = []
+    for spec in specs:
+        if spec == IDENTITY:
+            draftings.append(Drafting(IDENTITY, None, None))
+            continue
+        module = load_adapter(spec, device=device, dtype=torch.float32)
+        config = module.config
+        name = f"{config.label or config.kind} ({os.path.basename(os.path.normpath(spec))})"
+        is_head = config.kind in FEATURE_HEAD_KINDS
+        drafting = Drafting(name, None if is_head else module, module if is_head else None)
+        try:
+            drafting.engine(target, drafter, settings)
+        except ValueError as error:
+            raise ValueError(f"--adapter {spec}: does not fit the benchmark's models: {error}") from None
+        draftings.append(drafting)
+    return draftings
+
+
+def run_engine(drafting: Drafting, models, request, max_new_tokens, settings, memory) -> dict:
+    target, drafter, _ = models
+    target_inputs, drafter_inputs, _ = request
+    engine = drafting.engine(target, drafter, settings)
     memory.reset()
     output = engine.generate(target_inputs, drafter_inputs, max_new_tokens=max_new_tokens)
     peak = memory.read()
@@ -242,34 +283,43 @@ def first_difference(left: torch.Tensor, right: torch.Tensor) -> int | None:
     return int(differ[0]) if len(differ) else common
 
 
-def measure_sample(models, request, sample, max_new_tokens: int, settings: dict, memory, assisted: bool):
+def measure_sample(models, draftings, request, sample, max_new_tokens: int, settings, memory, assisted: bool):
+    """One record per drafting: ``target.generate`` once, then the engine with each drafting."""
     target, drafter, attention = models
-    target_inputs, drafter_inputs, num_events = request
+    target_inputs = request[0]
     baseline = run_baseline(target, target_inputs, max_new_tokens, memory, attention)
-    engine = run_engine(target, drafter, target_inputs, drafter_inputs, max_new_tokens, settings, memory)
     baseline_tokens = baseline.pop("tokens")
-    difference = first_difference(engine.pop("tokens"), baseline_tokens)
-    record = {
+    shared = {
         "id": sample.id,
         "line": sample.line,
         "max_new_tokens": max_new_tokens,
         "new_tokens": int(baseline_tokens.shape[1]),
-        "num_events": num_events,
-        "identical": difference is None,
-        "first_difference": difference,
+        "num_events": request[2],
         "baseline": baseline,
-        "engine": engine,
-        "speedup": baseline["total_ms"] / engine["total_ms"],
         "assisted": None,
     }
     if assisted:
         tokens, total_ms = run_assisted(target, drafter, target_inputs, max_new_tokens, attention)
-        record["assisted"] = {
+        shared["assisted"] = {
             "total_ms": total_ms,
             "speedup": baseline["total_ms"] / total_ms,
             "identical": torch.equal(tokens, baseline_tokens),
         }
-    return record
+    records = []
+    for drafting in draftings:
+        engine = run_engine(drafting, models, request, max_new_tokens, settings, memory)
+        difference = first_difference(engine.pop("tokens"), baseline_tokens)
+        records.append(
+            {
+                **shared,
+                "drafting": drafting.name,
+                "identical": difference is None,
+                "first_difference": difference,
+                "engine": engine,
+                "speedup": baseline["total_ms"] / engine["total_ms"],
+            }
+        )
+    return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,27 +364,31 @@ def run_benchmark(samples, lengths: list[int], settings: dict, device: torch.dev
     from crossspec_kernels.benchmark.summary import aggregate
 
     target, drafter = build_tiny_models(settings["seed"], settings["event_layout"], device)
+    draftings = load_draftings(settings["adapters"], target, drafter, settings)
     attention = target.config.get_text_config()._attn_implementation
     models = (target, drafter, attention)
     requests = [make_request(sample, drafter.config, device) for sample in samples]
     memory = PeakMemory(device)
     for _ in range(settings["warmup"]):  # first calls pay for lazy initialisation: not timed
-        measure_sample(models, requests[0], samples[0], min(lengths), settings, memory, assisted=False)
+        measure_sample(models, draftings, requests[0], samples[0], min(lengths), settings, memory, False)
     assisted_reason = probe_assisted(target, drafter, requests[0][0], attention)
     records = []
-    bar = progress(total=len(lengths) * len(samples), desc="bench e2e", unit="run", disable=not show_progress)
+    bar = progress(
+        total=len(lengths) * len(samples), desc="bench e2e", unit="sample", disable=not show_progress
+    )
     for length in lengths:
         for sample, request in zip(samples, requests):
-            record = measure_sample(
-                models, request, sample, length, settings, memory, assisted_reason is None
-            )
-            if not record["identical"]:
-                print(
-                    f"MISMATCH: sample {sample.id} (line {sample.line}), max_new_tokens {length}: the engine's "
-                    f"tokens differ from target.generate's at token {record['first_difference']}",
-                    file=sys.stderr,
-                )
-            records.append(record)
+            for record in measure_sample(
+                models, draftings, request, sample, length, settings, memory, assisted_reason is None
+            ):
+                if not record["identical"]:
+                    print(
+                        f"MISMATCH: sample {sample.id} (line {sample.line}), max_new_tokens {length}, "
+                        f"{record['drafting']}: the engine's tokens differ from target.generate's at token "
+                        f"{record['first_difference']}",
+                        file=sys.stderr,
+                    )
+                records.append(record)
             bar.update(1)
     bar.close()
     config = drafter.config
@@ -344,7 +398,7 @@ def run_benchmark(samples, lengths: list[int], settings: dict, device: torch.dev
         "settings": {
             **settings,
             "models": _MODELS,
-            "adapter": "identity",
+            "draftings": [drafting.name for drafting in draftings],
             "draft": f"chain gamma={settings['gamma']}",
             "event_token_layout": (
                 f"{settings['event_layout']} ({config.num_event_tokens} event tokens: "
@@ -359,9 +413,14 @@ def run_benchmark(samples, lengths: list[int], settings: dict, device: torch.dev
         "assisted": {"available": assisted_reason is None, "reason": assisted_reason},
         "identical_all": all(record["identical"] for record in records),
         "samples": records,
-        "aggregates": {
-            str(length): aggregate([r for r in records if r["max_new_tokens"] == length])
-            for length in lengths
+        "aggregates": {  # drafting -> answer length -> summary
+            drafting.name: {
+                str(length): aggregate(
+                    [r for r in records if r["max_new_tokens"] == length and r["drafting"] == drafting.name]
+                )
+                for length in lengths
+            }
+            for drafting in draftings
         },
     }
 

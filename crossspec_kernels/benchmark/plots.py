@@ -45,63 +45,71 @@ def _median(records: list[dict], *path: str) -> float:
 
 
 def write_plots(result: dict, folder: str | Path) -> list[Path]:
-    """The four PNGs of the module docstring in ``folder`` (created if missing); their paths."""
+    """The four PNGs of the module docstring in ``folder`` (created if missing); their paths.
+    Every drafting of the run (``--adapter``) gets its own series."""
     plt = _pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lengths = [int(length) for length in result["aggregates"]]
-    by_length = {n: [r for r in result["samples"] if r["max_new_tokens"] == n] for n in lengths}
+    aggregates = result["aggregates"]
+    names = list(aggregates)
+    lengths = [int(length) for length in aggregates[names[0]]]
+    runs = {
+        (name, n): [r for r in result["samples"] if r["max_new_tokens"] == n and r["drafting"] == name]
+        for name in names
+        for n in lengths
+    }
     title = f"{result['environment']['device']}, {result['settings']['draft']}"
     paths = [folder / name for name in PLOT_FILES]
 
+    def label(name: str, n: int) -> str:
+        return f"{n} tokens" if len(names) == 1 else f"{name}, {n} tokens"
+
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.hist(
-        [[r["speedup"] for r in by_length[n]] for n in lengths],
+        [[r["speedup"] for r in records] for records in runs.values()],
         bins=20,
-        label=[f"{n} tokens" for n in lengths],
+        label=[label(name, n) for name, n in runs],
     )
     axes.axvline(1.0, color="black", linestyle="--", linewidth=1)
     axes.set(xlabel="speedup vs target.generate (per sample)", ylabel="samples", title=title)
-    axes.legend()
+    axes.legend(fontsize="small")
     figure.savefig(paths[0], dpi=120, bbox_inches="tight")
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    for n in lengths:
-        alphas = result["aggregates"][str(n)]["acceptance_by_position"]
+    for name, n in runs:
+        alphas = aggregates[name][str(n)]["acceptance_by_position"]
         depths = [k + 1 for k, alpha in enumerate(alphas) if alpha is not None]
-        axes.plot(depths, [alpha for alpha in alphas if alpha is not None], marker="o", label=f"{n} tokens")
+        axes.plot(depths, [a for a in alphas if a is not None], marker="o", label=label(name, n))
     axes.set(xlabel="draft depth k", ylabel="P(accepted >= k | accepted >= k-1)", ylim=(0, 1.05), title=title)
-    axes.legend()
+    axes.legend(fontsize="small")
     figure.savefig(paths[1], dpi=120, bbox_inches="tight")
 
     figure, axes = plt.subplots(figsize=(7, 4))
-    positions = range(len(lengths))
-    for offset, (name, prefill, total) in enumerate(
-        (("target.generate", ("baseline", "ttft_ms"), ("baseline", "total_ms")),
-         ("engine", ("engine", "prefill_ms"), ("engine", "total_ms")))
-    ):  # fmt: skip
-        prefill_ms = [_median(by_length[n], *prefill) for n in lengths]
-        decode_ms = [max(_median(by_length[n], *total) - p, 0.0) for n, p in zip(lengths, prefill_ms)]
-        x = [p + (offset - 0.5) * 0.4 for p in positions]
-        axes.bar(x, prefill_ms, width=0.4, label=f"{name} prefill")
-        axes.bar(x, decode_ms, width=0.4, bottom=prefill_ms, label=f"{name} decode", alpha=0.6)
-    axes.set_xticks(list(positions), [f"{n} tokens" for n in lengths])
+    bars = [("target.generate", names[0], ("baseline", "ttft_ms"), ("baseline", "total_ms"))] + [
+        (name, name, ("engine", "prefill_ms"), ("engine", "total_ms")) for name in names
+    ]
+    width = 0.8 / len(bars)
+    for offset, (bar, name, prefill, total) in enumerate(bars):
+        prefill_ms = [_median(runs[name, n], *prefill) for n in lengths]
+        decode_ms = [max(_median(runs[name, n], *total) - p, 0.0) for n, p in zip(lengths, prefill_ms)]
+        x = [p + (offset - (len(bars) - 1) / 2) * width for p in range(len(lengths))]
+        axes.bar(x, prefill_ms, width=width, label=f"{bar} prefill")
+        axes.bar(x, decode_ms, width=width, bottom=prefill_ms, label=f"{bar} decode", alpha=0.6)
+    axes.set_xticks(list(range(len(lengths))), [f"{n} tokens" for n in lengths])
     axes.set(ylabel="median ms", title=f"prefill / decode ({title})")
     axes.legend(fontsize="small")
     figure.savefig(paths[2], dpi=120, bbox_inches="tight")
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    stats = [result["aggregates"][str(n)]["speedup"] for n in lengths]
-    medians = [s["median"] for s in stats]
-    axes.errorbar(
-        lengths,
-        medians,
-        yerr=[[m - s["p10"] for m, s in zip(medians, stats)], [s["p90"] - m for m, s in zip(medians, stats)]],
-        marker="o",
-        capsize=4,
-    )
+    for name in names:
+        stats = [aggregates[name][str(n)]["speedup"] for n in lengths]
+        medians = [s["median"] for s in stats]
+        low = [m - s["p10"] for m, s in zip(medians, stats)]
+        high = [s["p90"] - m for m, s in zip(medians, stats)]
+        axes.errorbar(lengths, medians, yerr=[low, high], marker="o", capsize=4, label=name)
     axes.axhline(1.0, color="black", linestyle="--", linewidth=1)
     axes.set(xlabel="max_new_tokens", ylabel="speedup (median, p10-p90)", xscale="log", title=title)
+    axes.legend(fontsize="small")
     figure.savefig(paths[3], dpi=120, bbox_inches="tight")
     plt.close("all")
     return paths

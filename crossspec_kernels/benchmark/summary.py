@@ -11,6 +11,8 @@ METRICS = (
     ("engine_total_ms", ("engine", "total_ms")),
     ("engine_ttft_ms", ("engine", "ttft_ms")),
     ("engine_prefill_share", ("engine", "prefill_share")),
+    ("engine_prefill_ms", ("engine", "prefill_ms")),
+    ("engine_decode_ms", ("engine", "decode_ms")),
     ("baseline_total_ms", ("baseline", "total_ms")),
     ("baseline_ttft_ms", ("baseline", "ttft_ms")),
     ("baseline_prefill_share", ("baseline", "prefill_share")),
@@ -117,5 +119,36 @@ def format_table(length: int, summary: dict) -> str:
     if histogram:
         lines.append(
             "  rounds accepting k drafts: " + ", ".join(f"{k}: {count}" for k, count in enumerate(histogram))
+        )
+    return "\n".join(lines)
+
+
+def format_research_table(length: int, aggregates: dict) -> str:
+    """The research's layout: target.generate, then one row per drafting (medians over the samples)."""
+
+    def cell(value, spec: str) -> str:
+        return format(value, spec) if value is not None else f"{'n/a':>{spec.split('.')[0]}}"
+
+    first = next(iter(aggregates.values()))[str(length)]
+    baseline_total, baseline_ttft = first["baseline_total_ms"]["median"], first["baseline_ttft_ms"]["median"]
+    decode = None if baseline_total is None or baseline_ttft is None else baseline_total - baseline_ttft
+    header = (
+        f"{'max_new_tokens ' + str(length) + ' (medians)':<34}{'prefill ms':>11}{'decode ms':>11}{'total ms':>10}"
+        f"{'speedup':>9}{'accept':>8}{'acc/round':>10}{'free':>6}{'free acc':>9}{'slower':>8}"
+    )
+    lines = [
+        header,
+        f"{'target.generate':<34}{cell(baseline_ttft, '11.1f')}{cell(decode, '11.1f')}"
+        f"{cell(baseline_total, '10.1f')}{'1.00':>9}",
+    ]
+    for name, by_length in aggregates.items():
+        summary = by_length[str(length)]
+        medians = {metric: summary[metric]["median"] for metric, _ in METRICS}
+        lines.append(
+            f"{name[:33]:<34}{cell(medians['engine_prefill_ms'], '11.1f')}"
+            f"{cell(medians['engine_decode_ms'], '11.1f')}{cell(medians['engine_total_ms'], '10.1f')}"
+            f"{cell(medians['speedup'], '9.2f')}{cell(medians['acceptance_rate'], '8.2f')}"
+            f"{cell(medians['mean_accepted_length'], '10.2f')}{cell(medians['free_tokens_drafted'], '6.1f')}"
+            f"{cell(medians['free_tokens_accepted'], '9.1f')}{summary['share_slower_than_baseline']:>8.0%}"
         )
     return "\n".join(lines)
