@@ -460,26 +460,41 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
             pad_token_id=eos,
         )[:, ids.shape[1] :]
 
+    def lookup(ids):  # HF's prompt lookup decoding: a drafter-free speculative baseline
+        return baseline.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.engine_tokens,
+            do_sample=False,
+            pad_token_id=eos,
+            prompt_lookup_num_tokens=args.gamma,
+        )[:, ids.shape[1] :]
+
     def spec(name, ids, **kwargs):
         return engines[name].generate(dict(input_ids=ids), None, max_new_tokens=args.engine_tokens, **kwargs)
 
     warm = prompt_of(records[0])  # first calls pay one-off costs (allocation, lazy init)
     plain(warm)
+    lookup(warm)
     for name in drafts:
         spec(name, warm)
-    totals = {key: {"seconds": 0.0, "tokens": 0} for key in ("generate", *drafts)}
+    totals = {key: {"seconds": 0.0, "tokens": 0} for key in ("generate", "prompt_lookup", *drafts)}
     curves = {name: [] for name in drafts}
     sampled_modes = ("rejection", "coupled")
     agg = {
         name: {"drafted": 0, "accepted": 0, "row_rounds": 0}
         for name in (*drafts, *(f"chain_T0.7_{mode}" for mode in sampled_modes))
     }
-    identical = coupled_identical = True
+    identical = coupled_identical = lookup_identical = True
     for record in records:
         ids = prompt_of(record)
         want, seconds = _timed(plain, ids)
         totals["generate"]["seconds"] += seconds
         totals["generate"]["tokens"] += want.shape[1]
+        out, seconds = _timed(lookup, ids)
+        lookup_identical &= torch.equal(out, want)
+        totals["prompt_lookup"]["seconds"] += seconds
+        totals["prompt_lookup"]["tokens"] += out.shape[1]
         for name in drafts:
             out, seconds = _timed(spec, name, ids)
             identical &= torch.equal(out.sequences, want)
@@ -523,6 +538,11 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
         "coupled_output_identical_to_target_sampling_alone": bool(coupled_identical),
         "tokens_per_s": speed,
         "outputs_identical_to_generate": bool(identical),
+        # generate(prompt_lookup_num_tokens=gamma): the strongest drafter-free baseline HF has here
+        "prompt_lookup": {
+            "speedup": speed["prompt_lookup"] / speed["generate"],
+            "outputs_identical_to_generate": bool(lookup_identical),
+        },
         # alpha_k of the fixed chain, the mean over prompts of each prompt's engine statistic
         "per_position_acceptance_chain": [sum(column) / len(column) for column in zip(*curves["chain"])],
     }
