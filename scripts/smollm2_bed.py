@@ -359,6 +359,7 @@ def stage_train(args, model, corpus):
         batch_size=4,
         seq_len=256,
         lr=args.lr,
+        feature_noise=args.feature_noise,
     )
     head = None
     if args.init_head is not None:  # continue an earlier head on this (wider) corpus
@@ -569,6 +570,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--rollout-steps", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument(
+        "--feature-noise", type=float, default=0.0, help="EAGLE's U(-a, a) noise on the input features"
+    )
     parser.add_argument(
         "--init-head", type=Path, default=None, help="train on from this saved head instead of a new one"
     )

@@ -84,9 +84,10 @@ def test_training_lowers_the_loss_and_beats_the_untrained_head(target):
     assert after.accept_at[0] > 0.2 > before.accept_at[0]
 
 
-def test_resume_is_bit_identical(target, tmp_path):
+@pytest.mark.parametrize("feature_noise", [0.0, 0.2])
+def test_resume_is_bit_identical(target, tmp_path, feature_noise):
     corpus, _ = greedy_corpus(target, 16, seed=3)
-    config = small_config(steps=6)
+    config = small_config(steps=6, feature_noise=feature_noise)
     straight, straight_history = train_feature_head(
         target, corpus, config=config, checkpoint_dir=tmp_path / "a", show_progress=False
     )
@@ -105,10 +106,21 @@ def test_resume_is_bit_identical(target, tmp_path):
         train_feature_head(
             target,
             corpus,
-            config=small_config(steps=6, lr=1e-2),
+            config=small_config(steps=6, lr=1e-2, feature_noise=feature_noise),
             checkpoint_dir=tmp_path / "b",
             show_progress=False,
         )
+
+
+def test_feature_noise_changes_training_and_is_checked(target):
+    corpus, _ = greedy_corpus(target, 8, seed=6)
+    _, clean = train_feature_head(target, corpus, config=small_config(steps=2), show_progress=False)
+    _, noisy = train_feature_head(
+        target, corpus, config=small_config(steps=2, feature_noise=0.5), show_progress=False
+    )
+    assert clean[0]["loss"] != noisy[0]["loss"]  # same batch, same initial head: only the noise differs
+    with pytest.raises(ValueError, match="feature_noise must be >= 0"):
+        FeatureTrainConfig(feature_noise=-0.1)
 
 
 def test_loss_vocab_and_frequent_tokens(target):

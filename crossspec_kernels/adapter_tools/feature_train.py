@@ -70,6 +70,9 @@ class FeatureTrainConfig:
     rollout_steps: int = 3
     step_decay: float = 0.8
     feature_weight: float = 0.5
+    # EAGLE's augmentation: U(-a, a) noise on the input features of the teacher-forced step, so the
+    # head learns to read features that are not exactly the target's (its own predictions later on).
+    feature_noise: float = 0.0
     seed: int = 0
     checkpoint_every: int = 100
 
@@ -89,7 +92,7 @@ class FeatureTrainConfig:
         for name in ("lr", "step_decay"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FeatureTrainConfig: {name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "grad_clip", "feature_weight", "min_lr_ratio"):
+        for name in ("weight_decay", "grad_clip", "feature_weight", "min_lr_ratio", "feature_noise"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"FeatureTrainConfig: {name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -374,6 +377,9 @@ def train_feature_head(
         feats, tokens, nxt, valid = _batch(
             data, indices, config.seq_len, generator, kind, head.config.d_draft
         )
+        if config.feature_noise > 0:
+            noise = torch.rand(feats.shape, generator=generator) * 2 - 1
+            feats = feats + config.feature_noise * noise
         outputs = rollout(head, feats, tokens, config.rollout_steps).features
         loss, metrics = feature_loss(
             outputs, nxt, valid, kl_weight, feature_weight=config.feature_weight, step_decay=config.step_decay
