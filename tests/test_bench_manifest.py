@@ -225,6 +225,26 @@ def test_plot_writes_four_pngs(run):
         assert (folder / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
+def test_eventgpt_npy_manifest_runs(tmp_path, capsys):
+    manifest = write_synthetic_dataset(
+        tmp_path / "npy",
+        1,
+        frames=8,
+        height=32,
+        width=32,
+        duration_us=50_000,
+        events_per_clip=2_000,
+        event_format="npy",
+        show_progress=False,
+    )
+    status = cli.main(
+        _bench_argv(manifest, "--max-new-tokens", "3", "--warmup", "0", "--json", str(tmp_path / "r.json"))
+    )
+    assert status == 0
+    (record,) = json.loads((tmp_path / "r.json").read_text())["samples"]
+    assert record["identical"] and record["num_events"] > 0
+
+
 def test_a_mismatch_is_reported_loudly(manifest, monkeypatch, capsys):
     original = e2e.run_engine
 

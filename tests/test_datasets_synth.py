@@ -12,7 +12,7 @@ h5py = pytest.importorskip("h5py")
 
 from crossspec_kernels import cli  # noqa: E402
 from crossspec_kernels.datasets import ManifestError, load_manifest, write_synthetic_dataset  # noqa: E402
-from crossspec_kernels.events import DSECEventFile, synthetic_clip  # noqa: E402
+from crossspec_kernels.events import DSECEventFile, load_eventgpt_npy, synthetic_clip  # noqa: E402
 from crossspec_kernels.generate_inputs import load_video  # noqa: E402
 
 # Small clips: the writer's cost is synthetic_clip's, which scales with pixels x steps.
@@ -60,6 +60,25 @@ def test_writer_output_reads_back_through_dsec_reader_and_manifest(dataset):
     assert samples[0].answer is None
 
 
+def test_eventgpt_npy_events_read_back_like_the_h5_ones(dataset, tmp_path):
+    out, _ = dataset
+    manifest = write_synthetic_dataset(
+        tmp_path / "npy", 2, seed=7, event_format="npy", show_progress=False, **CLIP
+    )
+    h5_samples, npy_samples = load_manifest(out / "manifest.jsonl")[:2], load_manifest(manifest)
+    for h5_sample, npy_sample in zip(h5_samples, npy_samples):
+        assert npy_sample.events.name == "events.npy" and npy_sample.window_us == h5_sample.window_us
+        with DSECEventFile(h5_sample.events, h5_sample.sensor_size) as recording:
+            want = recording.read(*h5_sample.window_us)
+        got = load_eventgpt_npy(npy_sample.events, npy_sample.sensor_size)  # no pickle trust needed
+        assert len(got) == len(want) > 0
+        for name in "xytp":
+            assert torch.equal(getattr(got, name).long(), getattr(want, name).long()), name
+    with pytest.raises(ValueError, match="event_format must be one of"):
+        write_synthetic_dataset(tmp_path / "bad", 1, event_format="txt", show_progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_writer_refuses_a_non_empty_folder_unless_forced(dataset, tmp_path):
     out, _ = dataset
     with pytest.raises(FileExistsError, match="not empty"):
@@ -77,6 +96,7 @@ def test_writer_refuses_a_non_empty_folder_unless_forced(dataset, tmp_path):
         (["--clips", "1", "--height", "40000"], "--height must be an int in"),
         (["--clips", "1", "--duration-us", str(2**32)], "--duration-us must be an int in"),
         (["--clips", "0"], "argument --clips"),
+        (["--clips", "1", "--event-format", "txt"], "argument --event-format"),
     ],
 )
 def test_cli_errors_name_the_flag(tmp_path, capsys, argv, message):

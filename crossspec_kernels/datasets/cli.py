@@ -20,6 +20,7 @@ _FLAGS = {
     "duration_us": "--duration-us",
     "events_per_clip": "--events-per-clip",
     "num_objects": "--objects",
+    "event_format": "--event-format",
 }
 
 
@@ -56,7 +57,7 @@ def add_data_parser(sub) -> None:
     synth = add_command(
         commands,
         "synth",
-        help="write synthetic clips (DSEC events.h5 + video.npy) and a manifest.jsonl",
+        help="write synthetic clips (DSEC events.h5 or EventGPT events.npy + video.npy) and a manifest.jsonl",
         description="Write N synthetic clips (the same moving scene as DSEC-layout events and as uint8\n"
         "video frames) and OUT/manifest.jsonl, the input of `crossspec bench e2e --manifest`.",
     )
@@ -72,6 +73,12 @@ def add_data_parser(sub) -> None:
     )
     synth.add_argument(
         "--objects", dest="num_objects", type=int_at_least(0), default=3, help="moving objects"
+    )
+    synth.add_argument(
+        "--event-format",
+        choices=("h5", "npy"),
+        default="h5",
+        help="events as DSEC h5 (events.h5) or EventGPT npy (events.npy)",
     )
     synth.add_argument("--force", action="store_true", help="write into a non-empty OUT (overwrites clips)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")

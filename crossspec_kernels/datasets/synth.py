@@ -1,7 +1,9 @@
-"""A synthetic benchmark dataset: per clip a DSEC events.h5 and a frame array, plus a manifest.
+"""A synthetic benchmark dataset: per clip a DSEC events.h5 (or an EventGPT events.npy) and a
+frame array, plus a manifest.
 
     OUT/manifest.jsonl
     OUT/clip_0000/events.h5    DSEC layout (events/x,y,t,p, ms_to_idx, t_offset), read by DSECEventFile
+                               (event_format="npy": events.npy, EventGPT's dict {x, y, t, p})
     OUT/clip_0000/video.npy    uint8 [frames, height, width, 3], read by ``crossspec generate --video``
     ...
 
@@ -20,6 +22,7 @@ MANIFEST_NAME = "manifest.jsonl"
 # Clip i of seed s uses synthetic_clip seed s * _SEED_STRIDE + i: datasets of different seeds share no clip.
 _SEED_STRIDE = 1_000_000
 _UINT32_US = 2**32  # DSEC stores t as uint32 microseconds
+EVENT_FORMATS = ("h5", "npy")  # DSEC h5, EventGPT npy
 
 
 def _questions(num_objects: int) -> list[tuple[str, str | None]]:
@@ -42,6 +45,10 @@ def check_synth_args(settings: dict, names: dict | None = None) -> None:
         "events_per_clip": (1, 2**31 - 1),
         "num_objects": (0, 1_000),
     }
+    event_format = settings.get("event_format", "h5")
+    if event_format not in EVENT_FORMATS:
+        shown = (names or {}).get("event_format", "event_format")
+        raise ValueError(f"{shown} must be one of {EVENT_FORMATS}, got {event_format!r}")
     for name, (low, high) in limits.items():
         value = settings[name]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -60,6 +67,7 @@ def write_synthetic_dataset(
     duration_us: int = 250_000,
     events_per_clip: int = 100_000,
     num_objects: int = 3,
+    event_format: str = "h5",
     force: bool = False,
     show_progress: bool = True,
 ) -> Path:
@@ -71,7 +79,7 @@ def write_synthetic_dataset(
     import numpy as np
 
     from crossspec_kernels.adapter_tools._progress import progress
-    from crossspec_kernels.events import synthetic_clip, write_dsec_h5
+    from crossspec_kernels.events import save_eventgpt_npy, synthetic_clip, write_dsec_h5
 
     check_synth_args(
         dict(
@@ -82,6 +90,7 @@ def write_synthetic_dataset(
             duration_us=duration_us,
             events_per_clip=events_per_clip,
             num_objects=num_objects,
+            event_format=event_format,
         )
     )
     folder = Path(out)
@@ -107,13 +116,17 @@ def write_synthetic_dataset(
         )
         name = f"clip_{index:04d}"
         (folder / name).mkdir(exist_ok=True)
-        write_dsec_h5(folder / name / "events.h5", events)
+        events_file = f"{name}/events.{event_format}"
+        if event_format == "h5":
+            write_dsec_h5(folder / events_file, events)
+        else:
+            save_eventgpt_npy(folder / events_file, events)
         np.save(folder / name / "video.npy", video.permute(0, 2, 3, 1).contiguous().numpy())
         question, answer = questions[index % len(questions)]
         record = {
             "id": name,
             "video": f"{name}/video.npy",
-            "events": f"{name}/events.h5",
+            "events": events_file,
             "window_us": [0, duration_us],
             "question": question,
             "sensor_size": [height, width],
