@@ -165,8 +165,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     models.add_argument(
         "--feature-head",
         metavar="DIR",
-        help="a B1 feature head (EAGLE-style, on the target's own features) that drafts from the first "
-        "verification on; the event drafter then drafts only during the target's prefill",
+        help="a feature head (EAGLE-style: B1 on the target's features, L5 on the event drafter's, L5F on "
+        "both) that drafts from the first verification on; the event drafter then drafts only during the "
+        "target's prefill (and, for L5/L5F, computes the head's features)",
     )
     models.add_argument(
         "--draft-vocab",
@@ -437,14 +438,17 @@ def load_adapter_checked(folder: str, drafter, target, dtype: torch.dtype, devic
     return adapter.eval()
 
 
-def load_feature_head_checked(folder: str | None, target, dtype: torch.dtype, device: torch.device):
-    """The B1 feature head in ``folder`` (None: none), checked against the target's config."""
-    from crossspec_kernels.models.adapters import load_adapter
+def load_feature_head_checked(
+    folder: str | None, target, dtype: torch.dtype, device: torch.device, drafter=None
+):
+    """The feature head in ``folder`` (None: none), checked against the target's config (and, for
+    an L5/L5F head, the drafter's hidden size)."""
+    from crossspec_kernels.models.adapters import FEATURE_HEAD_KINDS, load_adapter
 
     if folder is None:
         return None
     try:
-        head = load_adapter(folder, device=device, dtype=dtype, expected_kind="b1")
+        head = load_adapter(folder, device=device, dtype=dtype, expected_kind=FEATURE_HEAD_KINDS)
     except (FileNotFoundError, ValueError) as error:
         raise GenerateError(f"--feature-head {folder}: {error}") from error
     text = getattr(target, "config", target).get_text_config()
@@ -454,6 +458,13 @@ def load_feature_head_checked(folder: str | None, target, dtype: torch.dtype, de
             f"--feature-head {folder}: a head for hidden size {mine[0]} and vocabulary {mine[1]}, but the "
             f"target has {text.hidden_size} and {text.vocab_size}"
         )
+    if head.config.kind != "b1" and drafter is not None:
+        d_draft = int(getattr(drafter, "config", drafter).get_text_config().hidden_size)
+        if head.config.d_draft != d_draft:
+            raise GenerateError(
+                f"--feature-head {folder}: an {head.config.kind} head reads drafter features of size "
+                f"{head.config.d_draft}, but the drafter's hidden size is {d_draft}"
+            )
     return head.eval()
 
 
@@ -680,7 +691,7 @@ def _run(args: argparse.Namespace) -> int:
             f"encodes {expected_tokens} (patch size or extra tokens per frame disagree with the model config)"
         )
     adapter = load_adapter_checked(args.adapter, drafter_config, target_config, dtype, device)
-    head = load_feature_head_checked(args.feature_head, target_config, dtype, device)
+    head = load_feature_head_checked(args.feature_head, target_config, dtype, device, drafter_config)
 
     # Models.
     _status(f"loading target from {target_dir} ...")

@@ -1,4 +1,5 @@
-"""The engine with a B1 feature head: lossless, aligned with the offline evaluation, sampled exactly.
+"""The engine with feature heads: B1 (lossless, aligned with the offline evaluation, sampled exactly)
+and L5 / L5F (lossless, drafting from the event drafter's real features as ``rollout`` defines).
 
 Tiny random fp32 models (crossspec_kernels.testing_models) and a tiny Llama whose B1 head is trained
 in seconds; backend="reference" throughout (plain PyTorch on CPU).
@@ -231,15 +232,21 @@ def test_draft_config_confidence_is_checked():
 def test_sampling_keeps_the_target_distribution(llama, trained_head):
     """Second tokens (drafted by the head, verified by rejection sampling) vs the exact softmax."""
     pytest.importorskip("scipy")
-    from test_verify_distribution import ChiSquare
-
     temperature, rows = 1.0, 3000
     prompt = torch.arange(5, 13)[None]
     inputs = dict(input_ids=prompt.expand(rows, -1))
     engine = CrossSpecEngine(llama, None, draft=ChainDraft(2), backend="reference", feature_head=trained_head)
     out = engine.generate(inputs, None, max_new_tokens=3, temperature=temperature, seed=7, eos_token_id=[])
     assert 0.0 < out.stats["drafters"]["feature"]["acceptance_rate"] < 1.0
-    first, second = out.sequences[:, 0], out.sequences[:, 1]
+    check_second_token_distribution(llama, prompt, out.sequences, temperature)
+
+
+def check_second_token_distribution(llama, prompt, sequences, temperature) -> None:
+    """Chi-square: the second new token, among rows whose first is the most common one, follows
+    softmax(target logits / T) after prompt + that first token."""
+    from test_verify_distribution import ChiSquare
+
+    first, second = sequences[:, 0], sequences[:, 1]
     common = int(torch.mode(first).values)
     chosen = second[first == common]
     with torch.no_grad():
@@ -260,7 +267,9 @@ def test_bad_feature_head_arguments(target, batch_inputs):
     with pytest.raises(ValueError, match="feature_head is for vocab_size"):
         CrossSpecEngine(target, None, feature_head=b1_head(other))
     l5f = FeatureHead(feature_head_config(target.config, "l5f", d_draft=32))
-    with pytest.raises(ValueError, match="kind 'l5f' is not run by the engine"):
+    with pytest.raises(
+        ValueError, match="kind 'l5f' drafts from .* needs an event drafter, got drafter=None"
+    ):
         CrossSpecEngine(target, None, feature_head=l5f)
     adapter = LinearAdapter(AdapterConfig(kind="linear", d_draft=32, d_target=64))
     with pytest.raises(ValueError, match="feature_head must be a FeatureHead"):
@@ -277,3 +286,235 @@ def test_bad_feature_head_arguments(target, batch_inputs):
     engine = CrossSpecEngine(target, None, feature_head=head, backend="reference")
     with pytest.raises(ValueError, match="pass drafter_inputs=None"):
         engine.generate(batch_inputs, dict(batch_inputs), max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# L5 / L5F: heads on the event drafter's features (L5F: and the target's)
+# ----------------------------------------------------------------------------------------------
+
+EVENT_KINDS = ["l5", "l5f"]
+
+
+def event_head(target, kind: str, d_draft: int = 32, seed: int = 0) -> FeatureHead:
+    torch.manual_seed(seed)
+    head = FeatureHead(feature_head_config(target.config, kind, d_draft=d_draft)).eval()
+    head.load_embedding(target.get_input_embeddings().weight)
+    return head
+
+
+def check_head_drafted(stats: dict, kind: str) -> None:
+    """The head (not the event drafter) drafted every round after the first, and is labelled."""
+    assert not stats["fallback"], stats["fallback_reason"]
+    feature, event = stats["drafters"]["feature"], stats["drafters"]["event"]
+    assert (feature["kind"], feature["label"]) == (kind, kind.upper())
+    assert feature["row_rounds"] > 0 and feature["drafted"] > 0
+    assert event["kind"] == "event" and event["row_rounds"] > 0  # the free tokens, during the prefill
+    assert stats["rounds"] * len(stats["accepted_length_histogram"]) > 0
+
+
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_event_feature_head_greedy_equals_target_generate_batch2(reference_model, target, batch_inputs, kind):
+    want = expected(reference_model, batch_inputs)
+    drafter, drafter_inputs, adapter = event_drafter(batch_inputs)
+    engine = CrossSpecEngine(
+        target,
+        drafter,
+        adapter,
+        draft=ChainDraft(3),
+        backend="reference",
+        feature_head=event_head(target, kind),
+    )
+    out = engine.generate(batch_inputs, drafter_inputs, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out.sequences, want), (out.sequences, want)
+    check_head_drafted(out.stats, kind)
+
+
+@pytest.mark.parametrize("row", [0, 1])
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_event_feature_head_batch1_adaptive(reference_model, target, batch_inputs, kind, row):
+    inputs = tm.single_row(batch_inputs, row)
+    drafter, drafter_inputs, adapter = event_drafter(batch_inputs)
+    drafter_inputs = {name: value[row : row + 1] for name, value in drafter_inputs.items()}
+    draft = ChainDraft(4, min_confidence=0.0 if row == 0 else 0.001)
+    engine = CrossSpecEngine(
+        target,
+        drafter,
+        adapter,
+        draft=draft,
+        backend="reference",
+        feature_head=event_head(target, kind, seed=row),
+    )
+    out = engine.generate(inputs, drafter_inputs, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out.sequences, expected(reference_model, inputs))
+    check_head_drafted(out.stats, kind)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "coupled"])
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_event_feature_head_drafts_from_the_real_features(
+    reference_model, target, batch_inputs, kind, temperature, monkeypatch
+):
+    """Every step of every chain the head drafts (batch 2, left padded) is what ``rollout`` gives
+    on the drafter's (and the target's) features of the committed tokens and the chain's drafts,
+    computed afresh by full forwards: the drafter's cache stays in step with the committed tokens,
+    and each step pairs the right feature with the right token. Coupled sampling at T = 1 (flat
+    tiny models: the shared noise decides most draws) gets drafts accepted, so the catch-up
+    reads several tokens per row, a different number in each row."""
+    from crossspec_kernels.runtime.engine import _Run
+    from crossspec_kernels.runtime.feature_drafting import EventFeatureDraftModel
+    from crossspec_kernels.runtime.sampling import CoupledNoise
+
+    gamma, seed = 4, 5
+    drafter, drafter_inputs, adapter = event_drafter(batch_inputs)
+    chains, scored = [], []  # per head chain: (committed per row, finished per row, drafts, hidden)
+    original_propose, original_score = _Run._propose, EventFeatureDraftModel.score
+
+    def recording_score(self, hidden, *args, **kwargs):
+        scored.append(hidden.clone())  # the head output that scores each draft
+        return original_score(self, hidden, *args, **kwargs)
+
+    def recording(self, model, hidden):
+        scored.clear()
+        proposal = original_propose(self, model, hidden)
+        if model is self.head:
+            committed = [torch.cat(pieces) for pieces in self.pieces]
+            chains.append((committed, list(self.finished), proposal.tokens.clone(), torch.stack(scored, 1)))
+        return proposal
+
+    monkeypatch.setattr(_Run, "_propose", recording)
+    monkeypatch.setattr(EventFeatureDraftModel, "score", recording_score)
+    head = event_head(target, kind)
+    engine = CrossSpecEngine(
+        target, drafter, adapter, draft=ChainDraft(gamma), backend="reference", feature_head=head
+    )
+    out = engine.generate(
+        batch_inputs,
+        drafter_inputs,
+        max_new_tokens=NEW_TOKENS,
+        temperature=temperature,
+        seed=seed,
+        sampling="coupled",
+        eos_token_id=[],
+    )
+    check_head_drafted(out.stats, kind)
+    assert len(chains) == out.stats["rounds"] - 1
+    if temperature == 0:
+        assert torch.equal(out.sequences, expected(reference_model, batch_inputs))
+    else:  # accepted drafts (the drafter's catch-up read them), and the target's own sample
+        from transformers import LogitsProcessorList
+
+        from crossspec_kernels.runtime.sampling import CoupledSampling
+
+        assert out.stats["drafters"]["feature"]["accepted"] >= 4, out.stats["drafters"]
+        noise = CoupledNoise(torch.tensor([seed]), temperature)
+        processor = CoupledSampling(seed, temperature, batch_inputs["input_ids"].shape[1])
+        alone = reference_model.generate(
+            **batch_inputs,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([processor]),
+            eos_token_id=None,
+        )
+        assert torch.equal(out.sequences, alone[:, batch_inputs["input_ids"].shape[1] :])
+    reference_drafter = event_drafter(batch_inputs)[0]
+    lm_head = reference_model.get_output_embeddings().weight
+    checked = 0
+    for row in range(2):
+        prompt = tm.single_row(batch_inputs, row)
+        drafter_prompt = drafter_inputs["input_ids"][row][drafter_inputs["attention_mask"][row].bool()][None]
+        for committed, finished, drafts, hidden in chains:
+            if finished[row]:
+                continue
+            # z: y_1..y_n then d_1..d_gamma; head slot j reads (features after y_1..y_j, z[j]).
+            z = torch.cat([committed[row], drafts[row]])[None]
+            n = committed[row].numel()
+            with torch.no_grad():
+                g = reference_drafter.model(input_ids=torch.cat([drafter_prompt, z], 1)).last_hidden_state
+                features = g[:, drafter_prompt.shape[1] - 1 :]  # g_j: after its prompt and z[:j]
+                if kind == "l5f":
+                    f = reference_model.model(
+                        input_ids=torch.cat([prompt["input_ids"], z], 1),
+                        pixel_values_videos=prompt["pixel_values_videos"],
+                    ).last_hidden_state[:, prompt["input_ids"].shape[1] - 1 :]
+                    features = torch.cat([features, f], -1)
+                width = n + gamma - 1
+                steps = rollout(head, features[:, :width], z[:, :width], gamma - 1).features
+            # Step s at position n - 1 + s scores the (s+1)-th draft of the chain rooted after y_n.
+            want_hidden = torch.stack([steps[s][0, n - 1 + s] for s in range(gamma)])
+            torch.testing.assert_close(hidden[row], want_hidden, atol=1e-5, rtol=1e-4)
+            logits = want_hidden @ lm_head.T
+            if temperature == 0:
+                want = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, -1)
+                want = noise.draw(probs, n + torch.arange(gamma))  # draft s sits at position n + s
+            assert torch.equal(drafts[row], want), (row, n, drafts[row], want)
+            checked += 1
+    assert checked >= out.stats["rounds"]
+
+
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_event_feature_head_coupled_sampling_equals_target_alone(reference_model, target, batch_inputs, kind):
+    from test_coupled_sampling import TEMPERATURE, target_alone
+
+    drafter, drafter_inputs, adapter = event_drafter(batch_inputs)
+    engine = CrossSpecEngine(
+        target,
+        drafter,
+        adapter,
+        draft=ChainDraft(3),
+        backend="reference",
+        feature_head=event_head(target, kind),
+    )
+    for seed in (0, [3, 2**64 - 1]):
+        out = engine.generate(
+            batch_inputs,
+            drafter_inputs,
+            max_new_tokens=NEW_TOKENS,
+            temperature=TEMPERATURE,
+            seed=seed,
+            sampling="coupled",
+            eos_token_id=[],
+        )
+        assert torch.equal(out.sequences, target_alone(reference_model, batch_inputs, seed)), seed
+        check_head_drafted(out.stats, kind)
+
+
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_event_feature_head_sampling_keeps_the_target_distribution(llama, kind):
+    """Second tokens (drafted by the head, verified by rejection sampling) vs the exact softmax."""
+    pytest.importorskip("scipy")
+    temperature, rows = 1.0, 3000
+    prompt = torch.arange(5, 13)[None]
+    inputs = dict(input_ids=prompt.expand(rows, -1))
+    drafter = tm.learnable_llama(seed=1)
+    engine = CrossSpecEngine(
+        llama,
+        drafter,
+        draft=ChainDraft(2),
+        free_token_budget=1,  # the head drafts most second tokens
+        backend="reference",
+        feature_head=event_head(llama, kind),
+    )
+    out = engine.generate(
+        inputs, dict(inputs), max_new_tokens=3, temperature=temperature, seed=7, eos_token_id=[]
+    )
+    assert 0.0 < out.stats["drafters"]["feature"]["acceptance_rate"] < 1.0
+    check_second_token_distribution(llama, prompt, out.sequences, temperature)
+
+
+def test_bad_event_feature_head_arguments(target):
+    drafter, _, adapter = event_drafter({"input_ids": torch.zeros(1, 1)})
+    for kind in EVENT_KINDS:
+        with pytest.raises(ValueError, match=f"feature_head of kind '{kind}' .*got drafter=None"):
+            CrossSpecEngine(target, None, feature_head=event_head(target, kind))
+        wrong = event_head(target, kind, d_draft=48)
+        with pytest.raises(
+            ValueError, match="reads drafter features of d_draft=48, but the drafter's hidden size is 32"
+        ):
+            CrossSpecEngine(target, drafter, adapter, feature_head=wrong)
+        with pytest.raises(ValueError, match="draft=TreeDraft.* trees are not supported with L5/L5F heads"):
+            CrossSpecEngine(target, drafter, adapter, draft=DRAFTS[1], feature_head=event_head(target, kind))
+        other = tm.tiny_llama(seed=3, head_dim=8)  # hidden 32, not the target's 64
+        with pytest.raises(ValueError, match="feature_head is for vocab_size"):
+            CrossSpecEngine(target, drafter, adapter, feature_head=event_head(other, kind))

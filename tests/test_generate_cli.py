@@ -130,19 +130,25 @@ def files(tmp_path_factory):
 
     torch.manual_seed(4)
     text = target.config.text_config
-    head = build_adapter(
-        AdapterConfig(
-            kind="b1",
-            d_draft=text.hidden_size,
-            d_target=text.hidden_size,
-            vocab_size=text.vocab_size,
-            num_heads=text.num_attention_heads,
-            num_kv_heads=text.num_key_value_heads,
-            intermediate_size=text.intermediate_size,
+    d_event = drafter.config.get_text_config().hidden_size
+    for name, kind, d_draft in (
+        ("head", "b1", text.hidden_size),
+        ("head_l5f", "l5f", d_event),
+        ("head_l5_narrow", "l5", 32),
+    ):
+        head = build_adapter(
+            AdapterConfig(
+                kind=kind,
+                d_draft=d_draft,
+                d_target=text.hidden_size,
+                vocab_size=text.vocab_size,
+                num_heads=text.num_attention_heads,
+                num_kv_heads=text.num_key_value_heads,
+                intermediate_size=text.intermediate_size,
+            )
         )
-    )
-    paths["head"] = root / "head"
-    head.save_pretrained(paths["head"])
+        paths[name] = root / name
+        head.save_pretrained(paths[name])
     paths["draft_vocab"] = root / "draft_vocab.json"
     paths["draft_vocab"].write_text(json.dumps(list(range(3, 60))))
 
@@ -231,29 +237,32 @@ def test_chain_with_compare_and_json(files, capsys):
     assert payload["answer"] == payload["compare"]["answer"]
 
 
-def test_feature_head_drafts_after_the_prefill_and_output_is_the_targets(files, capsys):
-    out_json = files["root"] / "head.json"
+@pytest.mark.parametrize(("head", "kind"), [("head", "b1"), ("head_l5f", "l5f")])
+def test_feature_head_drafts_after_the_prefill_and_output_is_the_targets(files, capsys, head, kind):
+    out_json = files["root"] / f"{head}.json"
     argv = _argv(
         files,
         gamma=3,
         compare=True,
         json=out_json,
         processor="builtin",
-        feature_head=files["head"],
+        feature_head=files[head],
         draft_vocab=files["draft_vocab"],
     )
     assert generate_cli.main(argv) == 0
     payload = json.loads(out_json.read_text())
     assert payload["compare"]["identical"] is True
-    assert payload["settings"]["feature_head"] == str(files["head"])
-    assert payload["stats"]["drafters"]["feature"]["row_rounds"] > 0  # the head drafted
+    assert payload["settings"]["feature_head"] == str(files[head])
+    drafted = payload["stats"]["drafters"]["feature"]
+    assert drafted["row_rounds"] > 0 and drafted["kind"] == kind  # the head drafted
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
         ({"draft_vocab": "x.json"}, "--draft-vocab needs --feature-head"),
-        ({"feature_head": "adapter"}, "--feature-head"),  # a linear adapter, not a b1 head
+        ({"feature_head": "adapter"}, "--feature-head"),  # a linear adapter, not a feature head
+        ({"feature_head": "head_l5_narrow"}, "drafter's hidden size is"),
     ],
 )
 def test_feature_head_errors(files, capsys, overrides, message):

@@ -129,6 +129,13 @@ class DraftModel:
         """
         return self.runner.forward(self._to_drafter_ids(tokens), depth, tree_mask)
 
+    def _feed(self, token, hidden, zero, ones) -> torch.Tensor:
+        """A chain step: read draft ``token`` [B] (scored by ``hidden`` [B, d]) and commit it; the
+        hidden state that scores the next draft [B, d]. ``zero`` [B, 1], ``ones`` [B]: int64."""
+        hidden = self._read(token[:, None], zero, None, hidden[:, None])[:, 0]
+        self.cache.advance(ones, [1] * token.shape[0])
+        return hidden
+
     # ------------------------------------------------------------------------------------------
     def prefill(self, inputs: dict) -> torch.Tensor:
         """The drafter's prompt; returns the final hidden state at its last position [B, d].
@@ -228,8 +235,7 @@ class DraftModel:
                     confidence = confidence + chosen
                     if not bool((confidence >= math.log(config.min_confidence)).any()):  # host read
                         break
-                hidden = self._read(token[:, None], zero, None, hidden[:, None])[:, 0]
-                self.cache.advance(ones, [1] * batch)
+                hidden = self._feed(token, hidden, zero, ones)
         count = len(tokens)
         draft_probs = None
         if rows:

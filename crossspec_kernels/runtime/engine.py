@@ -13,9 +13,12 @@ One request batch, start to end:
    ``compact_kv`` moves an accepted tree path next to the root; then the drafter catches up on the
    committed tokens in the first forward of its next turn and drafts a chain (``ChainDraft``) or a
    dynamic tree (``TreeDraft``).
-   With a feature head (``feature_head=``, B1: EAGLE fed by the target's own features), the event
-   drafter drafts only during the target's prefill (the free tokens); from the first verification
-   on the head drafts from the target's features of the committed tokens (``feature_drafting``).
+   With a feature head (``feature_head=``: an EAGLE-style head fed by the target's own features,
+   B1; by the event drafter's, L5; or by both, L5F), the event drafter drafts only during the
+   target's prefill (the free tokens); from the first verification on the head drafts chains or
+   trees (B1) or chains (L5/L5F) from the features of the committed tokens
+   (``feature_drafting``). For L5/L5F the event drafter keeps reading every committed token and
+   runs one step on each draft token while the head drafts, so the head reads its real features.
 3. A drafter that raises (an error, or running out of memory) never touches the output: the
    engine finishes with target-only decoding (rounds without drafts) and reports the fallback.
 
@@ -48,7 +51,7 @@ from crossspec_kernels.runtime import checks
 from crossspec_kernels.runtime.controlled import ControlledAcceptance
 from crossspec_kernels.runtime.draft_config import MAX_DRAFT_NODES, ChainDraft, TreeDraft
 from crossspec_kernels.runtime.drafting import DraftModel, Proposal
-from crossspec_kernels.runtime.feature_drafting import FeatureDraftModel, HeadDecoder, check_feature_head
+from crossspec_kernels.runtime.feature_drafting import HeadDecoder, check_feature_head, feature_draft_model
 from crossspec_kernels.runtime.round import Verdict, Verifier
 from crossspec_kernels.runtime.runner import STEP_MODES, ModelRunner, graph_capture_available
 from crossspec_kernels.runtime.sampling import SAMPLING_MODES, CoupledSampler, StreamSampler
@@ -79,7 +82,7 @@ class CrossSpecEngine:
             attention (``crossspec_kernels.hf.enable``), which computes the same attention.
         drafter: any HF model whose ``.model`` (or, without one, whose forward with
             ``output_hidden_states``) returns final hidden states: the EventGPT-style drafter, a
-            LLaVA, a plain causal LM. Its own LM head never runs. None needs a ``feature_head``
+            LLaVA, a plain causal LM. Its own LM head never runs. None needs a "b1" ``feature_head``
             (nothing is drafted before the first verification then).
         adapter: any ``nn.Module`` mapping the drafter's final hidden state [..., d_draft] into the
             target's [..., d_target] (the package's ``BottleneckAdapter`` runs fused), or None
@@ -102,9 +105,11 @@ class CrossSpecEngine:
             (``torch.compile(fullgraph=True)`` per block shape, any device); "cuda_graph" (one CUDA
             graph per block shape, replayed). Compiled and graphed steps give the eager tokens.
         compile_backend: the torch.compile backend of ``step_mode="compile"`` ("inductor").
-        feature_head: a "b1" ``FeatureHead`` for this target (``models.feature_head``); it drafts
-            every round after the first. Its attention is switched to "crossspec"; a head saved
-            without its token embedding gets the target's.
+        feature_head: a ``FeatureHead`` for this target (``models.feature_head``) of kind "b1"
+            (reads the target's features), "l5" (the event drafter's: needs a ``drafter`` whose
+            hidden size is the head's d_draft) or "l5f" (both); it drafts every round after the
+            first. L5/L5F heads draft chains only (a ``TreeDraft`` is refused). Its attention is
+            switched to "crossspec"; a head saved without its token embedding gets the target's.
         draft_vocab: the token ids the feature head may propose (e.g. the most frequent ones), or
             None (all): a smaller LM head for the drafts, verification still over the full vocabulary.
     """
@@ -163,7 +168,7 @@ class CrossSpecEngine:
             raise ValueError(f"{_OP}: draft_vocab restricts a feature head's drafts; feature_head is None")
         self.draft_vocab = None
         if feature_head is not None:
-            self.draft_vocab = check_feature_head(feature_head, target, draft_vocab)
+            self.draft_vocab = check_feature_head(feature_head, target, draft_vocab, drafter, draft)
         for name, model in (("drafter", drafter), ("adapter", adapter)):
             device = checks.device_of(model)
             if device is not None and device != self.device:
@@ -252,7 +257,9 @@ class CrossSpecEngine:
             stage; target.prefill includes target.vision), rounds, fallback, fallback_reason,
             device, step_mode, per_position_acceptance (alpha_k = P(draft at depth k accepted |
             depths < k accepted), over rounds that drafted depth k), drafters (per drafter,
-            "event" and "feature": rounds, drafted depth, accepted, acceptance_rate),
+            "event" and "feature": kind ("event", or the head's "b1"/"l5"/"l5f"), label (the
+            research label, e.g. "L5F", or None), row_rounds, drafted depth, accepted,
+            acceptance_rate),
             accepted_length_histogram (entry k: row rounds that drafted and accepted k drafts).
         """
         trace_path = None if profile is False else ("crossspec_trace.json" if profile is True else profile)
@@ -334,10 +341,16 @@ class _Run:
             head_runner = engine.head_runner
             head_dtype = _parameter_dtype(engine.feature_head, dtype)
             head_runner.allocate(batch, self.target_inputs["input_ids"].shape[1] + room, head_dtype, device)
-            self.head = FeatureDraftModel(
-                head_runner, engine.lm_head.weight, self.timer, self._kernel_backend, engine.draft_vocab
+            self.head = feature_draft_model(
+                engine.feature_head,
+                head_runner,
+                engine.lm_head.weight,
+                self.timer,
+                self._kernel_backend,
+                engine.draft_vocab,
+                events=self.drafter,
             )
-            self.verifier.keep_features = True
+            self.verifier.keep_features = self.head.reads_target_features
         self.verifier.forward = self.timer.timed("verify.forward", self.verifier.forward)
         self.verifier.accept = self.timer.timed("verify.accept", self.verifier.accept)
         self.verifier.compact = self.timer.timed("kv.compact", self.verifier.compact)
@@ -536,7 +549,9 @@ class _Run:
             inputs = self.target_inputs
             mask = inputs.get("attention_mask")
             mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
-            self._drafter_call(self.head.prefill, inputs["input_ids"], mask, self.verifier.prompt_hidden)
+            self._drafter_call(
+                self.head.prefill, inputs["input_ids"], mask, self.verifier.prompt_hidden, hidden
+            )
             self.verifier.prompt_hidden = None
         # Which drafts were free is read at the end (CUDA event times need a sync).
         self.prefill_marks = (state["start"], state["end"], [] if proposal is None else proposal.timestamps)
@@ -596,6 +611,14 @@ class _Run:
                 self.finished[row] = True
                 self.verifier.finish(row)
 
+    def _drafter_names(self, name: str) -> dict:
+        """What drafted a stats["drafters"] entry: kind ("event", or the head's "b1" / "l5" /
+        "l5f"; None without a head) and research label (the adapter's or head's, e.g. "L5F")."""
+        module = self.engine.adapter if name == "event" else self.engine.feature_head
+        config = getattr(module, "config", None)
+        kind = "event" if name == "event" else getattr(config, "kind", None)
+        return {"kind": kind, "label": getattr(config, "label", None)}
+
     def _sequences(self) -> torch.Tensor:
         sequences = torch.full(
             (self.batch, max(self.lengths)), self.pad, dtype=torch.int64, device=self.device
@@ -635,6 +658,7 @@ class _Run:
             ],
             "drafters": {
                 name: {
+                    **self._drafter_names(name),
                     "row_rounds": rounds,
                     "drafted": drafted,
                     "accepted": accepted,
