@@ -9,6 +9,14 @@ stops both in the fixture's ``finally``. What it checks:
   (greedy), and at least one batch held more than one request;
 * a replica killed (``ray.kill``) while requests are in flight loses none of them: the client
   retries (at least one retry must have happened) and the tokens still equal ``target.generate``;
+* the same over HTTP (through the ingress deployment): 16 concurrent HTTP requests, half of them
+  streamed (server-sent events), with a replica killed mid-run: every response is complete and
+  equals ``target.generate``, the ingress retried at least once, and a bad request sent right after
+  the kill still gets 400 while the others are served;
+* (no Ray) the ingress with a scripted engine handle: a stream cut by a dead replica resumes without
+  repeating a token, a retry that disagrees ends the stream with an error event and never sends the
+  wrong token, a RequestError is answered with its status and never retried, retries stop at
+  ``max_retries``; the Python client checks a replay the same way;
 * wrong schema and oversized requests get a clear error (handle: RequestError; HTTP: 400 / 413)
   and the server keeps answering other requests correctly, over the handle and over HTTP;
 * streaming is per engine round: a 12-token answer comes in >= 4 chunks of <= 3 tokens, no more
@@ -24,6 +32,7 @@ stops both in the fixture's ``finally``. What it checks:
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -34,16 +43,26 @@ import urllib.error
 import urllib.request
 
 import pytest
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
 from transformers import LogitsProcessorList
 
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install 'ray[serve]')")
 serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'ray[serve]')")
 
 import torch  # noqa: E402
+from ray.exceptions import RayTaskError  # noqa: E402
 
 from crossspec_kernels.runtime.sampling import CoupledSampling  # noqa: E402
 from crossspec_kernels.serving.config import DraftSettings, ServeConfig  # noqa: E402
-from crossspec_kernels.serving.deployment import CrossSpecClient, run  # noqa: E402
+from crossspec_kernels.serving.deployment import (  # noqa: E402
+    DEPLOYMENT_NAME,
+    INGRESS_NAME,
+    CrossSpecClient,
+    CrossSpecIngress,
+    ReplayMismatch,
+    run,
+)
 from crossspec_kernels.serving.schema import Limits, RequestError, parse_request  # noqa: E402
 from crossspec_kernels.serving.worker import (  # noqa: E402
     EngineWorker,
@@ -108,6 +127,8 @@ def served():
         default_max_new_tokens=6,
         max_prompt_tokens=16,
         draft=DRAFT,
+        max_retries=8,
+        retry_wait_s=0.5,
         port=_free_port(),
     )
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024, log_to_driver=False)
@@ -127,6 +148,13 @@ def _post(config: ServeConfig, payload: bytes) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+
+
+def _sse_chunks(text: str) -> list[dict]:
+    """The JSON events of a server-sent-events answer, which must end with [DONE]."""
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", text
+    return [json.loads(event) for event in events[:-1]]
 
 
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(served, reference):
@@ -164,9 +192,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(served, refe
     assert response["usage"]["completion_tokens"] == len(reference(good))
     status, text = _post(config, json.dumps({**good, "stream": True}).encode())
     assert status == 200
-    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(event) for event in events[:-1]]
+    chunks = _sse_chunks(text)
     assert [t for chunk in chunks for t in chunk["choices"][0]["token_ids"]] == reference(good)
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -289,7 +315,7 @@ def _replica_actors() -> dict[str, object]:
     actors = {}
     for entry in ray.util.list_named_actors(all_namespaces=True):
         name = entry["name"]
-        if name.startswith("SERVE_REPLICA::"):
+        if name.startswith("SERVE_REPLICA::") and f"#{DEPLOYMENT_NAME}#" in name:  # not the ingress
             actors[name.rsplit("#", 1)[-1]] = ray.get_actor(name, namespace=entry["namespace"])
     return actors
 
@@ -336,3 +362,200 @@ def test_concurrent_requests_equal_target_generate_and_survive_a_killed_replica(
         f"latency p50 {latencies[len(latencies) // 2]:.1f} s, max {latencies[-1]:.1f} s, "
         f"retries {client.retries}, batch sizes {sorted(final['crossspec']['batch_size'] for _, final, _ in results)}"
     )
+
+
+def _wait_for_replicas(config: ServeConfig, count: int, timeout_s: float = 120) -> None:
+    """Until the engine deployment has ``count`` running replicas (a killed one is replaced)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        deployment = serve.status().applications[config.app_name].deployments[DEPLOYMENT_NAME]
+        states = {str(getattr(state, "value", state)): n for state, n in deployment.replica_states.items()}
+        if states.get("RUNNING", 0) == count and len(states) == 1 and len(_replica_actors()) == count:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the engine deployment has not {count} running replicas after {timeout_s} s")
+
+
+def test_http_requests_survive_a_killed_replica(served, reference):
+    config, _ = served
+    _wait_for_replicas(config, 2)  # the previous test killed one
+    ingress = serve.get_deployment_handle(INGRESS_NAME, app_name=config.app_name)
+    retries_before = ingress.info.remote().result(timeout_s=30)["retries"]
+    bodies = [{**_body(n), "stream": n % 2 == 1} for n in range(NUM_REQUESTS)]
+    expected = [reference(body) for body in bodies]
+    finished_on: list[str] = []
+    first_done = threading.Event()
+
+    def call(body: dict) -> tuple[list[int], dict]:
+        status, text = _post(config, json.dumps(body).encode())
+        assert status == 200, text
+        if body["stream"]:
+            chunks = _sse_chunks(text)
+            assert all("error" not in chunk for chunk in chunks), chunks
+            tokens = [token for chunk in chunks for token in chunk["choices"][0]["token_ids"]]
+            final = chunks[-1]
+        else:
+            final = json.loads(text)
+            tokens = final["choices"][0]["token_ids"]
+        finished_on.append(final["crossspec"]["replica"])
+        first_done.set()
+        return tokens, final
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(NUM_REQUESTS + 1) as pool:
+        futures = [pool.submit(call, body) for body in bodies]
+        assert first_done.wait(timeout=150), "no HTTP request finished within 150 s"
+        actors = _replica_actors()
+        assert len(actors) == 2, actors
+        victim = next((rid for rid in actors if rid not in finished_on), next(iter(actors)))
+        ray.kill(actors[victim], no_restart=True)
+        bad = pool.submit(_post, config, json.dumps({**bodies[0], "temperature": -1}).encode())
+        results = [future.result(timeout=170) for future in futures]
+        status, text = bad.result(timeout=60)
+    seconds = time.perf_counter() - start
+
+    assert status == 400 and json.loads(text)["error"]["param"] == "temperature", text
+    for body, want, (tokens, final) in zip(bodies, expected, results):
+        assert tokens == want, body
+        assert final["usage"]["completion_tokens"] == len(want), body
+        assert final["choices"][0]["finish_reason"] in ("stop", "length")
+    retried = [final["crossspec"]["retries"] for _, final in results]
+    ingress_retries = ingress.info.remote().result(timeout_s=30)["retries"] - retries_before
+    print(
+        f"\nhttp: {NUM_REQUESTS} requests ({NUM_REQUESTS // 2} streamed) in {seconds:.1f} s, "
+        f"killed replica {victim}, retries per request {retried}, ingress retries {ingress_retries}"
+    )
+    assert sum(retried) >= 1, "no HTTP request was in flight on the killed replica: the kill tested nothing"
+    assert ingress_retries >= sum(retried)  # the bad request may have been retried too
+    assert victim not in {
+        final["crossspec"]["replica"] for _, final in results if final["crossspec"]["retries"]
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The ingress's retries against a scripted engine handle (no Ray)
+# ----------------------------------------------------------------------------------------------
+
+
+def _chunk(tokens: list[int], finish_reason: str | None = None) -> dict:
+    chunk = {"id": "cmpl-test", "object": "text_completion.chunk", "created": 0, "model": "fake"}
+    chunk["choices"] = [{"index": 0, "token_ids": tokens, "text": None, "finish_reason": finish_reason}]
+    if finish_reason is not None:
+        chunk["usage"] = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        chunk["crossspec"] = {"replica": "fake"}
+    return chunk
+
+
+class _Attempt:
+    """One call of the scripted handle: its chunks, then its error (if any); sync or async."""
+
+    def __init__(self, chunks: list[dict], error: Exception | None) -> None:
+        self.chunks, self.error = chunks, error
+
+    def __iter__(self):
+        yield from self.chunks
+        if self.error is not None:
+            raise self.error
+
+    async def __aiter__(self):
+        for chunk in self.chunks:
+            yield chunk
+        if self.error is not None:
+            raise self.error
+
+
+class _ScriptedEngine:
+    """Stands in for the engine deployment's handle: call i answers script[i] = (chunks, error)."""
+
+    def __init__(self, script: list[tuple[list[dict], Exception | None]]) -> None:
+        self.script, self.calls = script, 0
+
+    def options(self, **kwargs):
+        assert kwargs == {"stream": True}
+        return self
+
+    @property
+    def stream(self):
+        return self
+
+    def remote(self, body: dict) -> _Attempt:
+        chunks, error = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        return _Attempt(chunks, error)
+
+
+def _http(ingress, body: dict) -> tuple[int, str]:
+    """(status, body text) of the ingress's answer to ``POST body``."""
+
+    async def call() -> tuple[int, str]:
+        payload = json.dumps(body).encode()
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": payload, "more_body": False}
+
+        response = await ingress(Request({"type": "http", "method": "POST", "headers": []}, receive))
+        if isinstance(response, StreamingResponse):
+            return response.status_code, "".join([piece async for piece in response.body_iterator])
+        return response.status_code, response.body.decode()
+
+    return asyncio.run(call())
+
+
+DIED = ray.exceptions.ActorDiedError  # what a killed replica's caller gets (a RayActorError)
+
+
+def test_ingress_retries_replay_checks_and_never_retries_a_wrong_request():
+    config = ServeConfig(tiny=True, max_retries=2, retry_wait_s=0.0).to_dict()
+    final = _chunk([], "length")
+    cut = [([_chunk([1, 2]), _chunk([3])], DIED()), ([_chunk([1, 2, 3]), _chunk([4]), final], None)]
+
+    # A stream cut by a dead replica resumes on the next without repeating a token.
+    ingress = CrossSpecIngress.func_or_class(_ScriptedEngine(cut), config)
+    status, text = _http(ingress, {"prompt": [5], "stream": True})
+    chunks = _sse_chunks(text)
+    assert status == 200 and [c["choices"][0]["token_ids"] for c in chunks] == [[1, 2], [3], [4], []]
+    assert chunks[-1]["crossspec"] == {"replica": "fake", "retries": 1}
+    status, text = _http(ingress, {"prompt": [5]})  # the script's last entry answers at once
+    assert status == 200 and json.loads(text)["choices"][0]["token_ids"] == [1, 2, 3, 4]
+    assert ingress.info() == {"requests": 2, "retries": 1, "max_retries": 2, "retry_wait_s": 0.0}
+    engine = _ScriptedEngine(cut)
+    status, text = _http(CrossSpecIngress.func_or_class(engine, config), {"prompt": [5]})
+    assert status == 200 and json.loads(text)["choices"][0]["token_ids"] == [1, 2, 3, 4]
+    assert json.loads(text)["crossspec"]["retries"] == 1 and engine.calls == 2
+
+    # A retry that disagrees (or stops short) ends the stream with an error event: no wrong token.
+    for retry in ([_chunk([1, 9, 3]), final], [_chunk([1]), final]):
+        ingress = CrossSpecIngress.func_or_class(_ScriptedEngine([cut[0], (retry, None)]), config)
+        status, text = _http(ingress, {"prompt": [5], "stream": True})
+        chunks = _sse_chunks(text)
+        assert status == 200 and [c["choices"][0]["token_ids"] for c in chunks[:-1]] == [[1, 2], [3]]
+        assert (
+            chunks[-1]["error"]["type"] == "server_error"
+            and "ReplayMismatch" in chunks[-1]["error"]["message"]
+        )
+        ingress = CrossSpecIngress.func_or_class(_ScriptedEngine([cut[0], (retry, None)]), config)
+        status, text = _http(ingress, {"prompt": [5]})  # not streamed: 500, no tokens
+        assert status == 500 and "ReplayMismatch" in json.loads(text)["error"]["message"], text
+
+    # A wrong request is answered with its status and never retried.
+    oversized = RayTaskError(
+        "stream", "", RequestError("max_tokens 99 over 12", param="max_tokens", status=413)
+    )
+    for stream in (False, True):
+        engine = _ScriptedEngine([([], oversized)])
+        status, text = _http(
+            CrossSpecIngress.func_or_class(engine, config), {"prompt": [5], "stream": stream}
+        )
+        assert (status, json.loads(text)["error"]["param"], engine.calls) == (413, "max_tokens", 1)
+
+    # Retries stop at max_retries: the answer is a 500, after 1 + 2 calls.
+    engine = _ScriptedEngine([([], DIED())])
+    status, text = _http(CrossSpecIngress.func_or_class(engine, config), {"prompt": [5]})
+    assert status == 500 and "ActorDiedError" in json.loads(text)["error"]["message"] and engine.calls == 3
+
+    # The Python client drives the same RetryState: same replay, same check.
+    client = CrossSpecClient(_ScriptedEngine(cut), retry_wait_s=0.0)
+    assert client.complete({"prompt": [5]})["choices"][0]["token_ids"] == [1, 2, 3, 4] and client.retries == 1
+    client = CrossSpecClient(_ScriptedEngine([cut[0], ([_chunk([1, 9, 3]), final], None)]), retry_wait_s=0.0)
+    with pytest.raises(ReplayMismatch, match="gave token 9 at position 1, not the 2 already delivered"):
+        client.complete({"prompt": [5]})

@@ -27,7 +27,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
             "Start a Ray Serve application: config.num_replicas replicas, each owning one CrossSpecEngine\n"
             "(one GPU each when the Ray cluster has GPUs), with dynamic request batching. HTTP:\n"
             "POST http://HOST:PORT/ROUTE with the JSON schema of crossspec_kernels.serving.schema\n"
-            '(e.g. {"prompt": [5, 17, 42], "max_tokens": 8, "stream": true}). Ctrl-C stops it.'
+            '(e.g. {"prompt": [5, 17, 42], "max_tokens": 8, "stream": true}), answered by a thin\n'
+            "ingress that retries a request on another replica when its replica dies\n"
+            "(config.max_retries, config.retry_wait_s). Ctrl-C stops it."
         ),
     )
     serve.add_argument(
@@ -81,7 +83,8 @@ def run_serve(args: argparse.Namespace) -> int:
         models = "tiny random models" if config.tiny else f"target {config.target}, drafter {config.drafter}"
         print(
             f"{PROG}: {config.num_replicas} replica(s) of {models}, batches of <= {config.max_batch_size} "
-            f"(wait <= {config.batch_wait_timeout_s} s), max_tokens <= {config.max_new_tokens_limit}\n"
+            f"(wait <= {config.batch_wait_timeout_s} s), max_tokens <= {config.max_new_tokens_limit}, "
+            f"HTTP retries <= {config.max_retries} per request\n"
             f"POST http://{config.host}:{config.port}{config.route_prefix}   (Ctrl-C stops)",
             flush=True,
         )

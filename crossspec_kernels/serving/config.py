@@ -111,7 +111,12 @@ class ServeConfig:
     max_new_tokens_limit: int = 64
     default_max_new_tokens: int = 16
     max_prompt_tokens: int = 256
-    # HTTP.
+    # HTTP: a thin ingress (no engine) owns the route and forwards each request to the replicas,
+    # retrying, at most max_retries times retry_wait_s apart, one whose replica died. It reserves
+    # ingress_cpus (0 by default, like Serve's own HTTP proxy: it only awaits the replicas).
+    ingress_cpus: float = 0.0
+    max_retries: int = 5
+    retry_wait_s: float = 0.5
     app_name: str = "crossspec"
     route_prefix: str = "/v1/completions"
     host: str = "127.0.0.1"
@@ -154,6 +159,9 @@ class ServeConfig:
         _check_int("max_new_tokens_limit", self.max_new_tokens_limit, 1)
         _check_int("default_max_new_tokens", self.default_max_new_tokens, 1, self.max_new_tokens_limit)
         _check_int("max_prompt_tokens", self.max_prompt_tokens, 1)
+        _check_float("ingress_cpus", self.ingress_cpus, 0.0, 64.0)
+        _check_int("max_retries", self.max_retries, 0)
+        _check_float("retry_wait_s", self.retry_wait_s, 0.0, 60.0)
         for name in ("app_name", "host"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"serve config: {name} must be a non-empty string")
