@@ -153,3 +153,23 @@ def perturbed(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Modul
             noise = torch.randn(parameter.shape, generator=gen)
             parameter.add_(noise * scale * parameter.std().clamp_min(1e-3))
     return model
+
+
+def coupled_target_alone(
+    model: torch.nn.Module, inputs: dict, seed, temperature: float, max_new_tokens: int
+) -> torch.Tensor:
+    """The new tokens [B, N] of ``model`` sampling alone under the coupled race
+    (``runtime.sampling.CoupledSampling``, end of sequence off): what a coupled engine run must equal."""
+    from transformers import LogitsProcessorList
+
+    from crossspec_kernels.runtime.sampling import CoupledSampling
+
+    width = inputs["input_ids"].shape[1]
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([CoupledSampling(seed, temperature, width)]),
+        eos_token_id=None,
+    )
+    return out[:, width:]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
 
 from crossspec_kernels import testing_models as tm
 from crossspec_kernels.runtime import ChainDraft, CrossSpecEngine, TreeDraft
@@ -28,15 +27,7 @@ single = tm.single_row
 
 
 def target_alone(model, inputs: dict, seed) -> torch.Tensor:
-    processor = CoupledSampling(seed, TEMPERATURE, inputs["input_ids"].shape[1])
-    out = model.generate(
-        **inputs,
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        logits_processor=LogitsProcessorList([processor]),
-        eos_token_id=None,
-    )
-    return out[:, inputs["input_ids"].shape[1] :]
+    return tm.coupled_target_alone(model, inputs, seed, TEMPERATURE, NEW_TOKENS)
 
 
 def coupled(engine, inputs: dict, seed, **kwargs):

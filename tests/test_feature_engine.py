@@ -401,21 +401,10 @@ def test_event_feature_head_drafts_from_the_real_features(
     if temperature == 0:
         assert torch.equal(out.sequences, expected(reference_model, batch_inputs))
     else:  # accepted drafts (the drafter's catch-up read them), and the target's own sample
-        from transformers import LogitsProcessorList
-
-        from crossspec_kernels.runtime.sampling import CoupledSampling
-
         assert out.stats["drafters"]["feature"]["accepted"] >= 4, out.stats["drafters"]
         noise = CoupledNoise(torch.tensor([seed]), temperature)
-        processor = CoupledSampling(seed, temperature, batch_inputs["input_ids"].shape[1])
-        alone = reference_model.generate(
-            **batch_inputs,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([processor]),
-            eos_token_id=None,
-        )
-        assert torch.equal(out.sequences, alone[:, batch_inputs["input_ids"].shape[1] :])
+        alone = tm.coupled_target_alone(reference_model, batch_inputs, seed, temperature, NEW_TOKENS)
+        assert torch.equal(out.sequences, alone)
     reference_drafter = event_drafter(batch_inputs)[0]
     lm_head = reference_model.get_output_embeddings().weight
     checked = 0

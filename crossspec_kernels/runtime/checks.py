@@ -113,10 +113,12 @@ def check_inputs(engine, target_inputs, drafter_inputs) -> tuple[dict, dict | No
             )
         if ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{_OP}.generate: {name}['input_ids'] must be int64 or int32, got {ids.dtype}")
-        if ids.device != engine.device:
-            raise ValueError(
-                f"{_OP}.generate: {name}['input_ids'] is on {ids.device}, the models on {engine.device}"
-            )
+        # The drafter's device (an engine whose drafter has its own); the models' otherwise.
+        drafter_device = getattr(engine, "drafter_device", engine.device)
+        device = engine.device if name == "target_inputs" else drafter_device
+        if ids.device != device:
+            where = "the models" if drafter_device == engine.device else f"the {name.split('_')[0]}"
+            raise ValueError(f"{_OP}.generate: {name}['input_ids'] is on {ids.device}, {where} on {device}")
         # The target's ids must index its vocabulary (its video placeholder is a vocabulary id). A
         # drafter may use placeholder ids past its vocabulary (EventGPT's event token): it checks them.
         vocab = model.get_input_embeddings().num_embeddings if name == "target_inputs" else None
@@ -232,17 +234,45 @@ def check_drafter(drafter, adapter, target) -> None:
         )
 
 
-def check_streams(streams, device: torch.device):
+def drafter_device(drafter, adapter, target_device: torch.device) -> torch.device:
+    """The drafter's device (the target's when it has no parameters): one this machine has, and
+    the adapter's too (an adapter runs with its drafter)."""
+    from crossspec_kernels.runtime.devices import check_device
+
+    device = device_of(drafter)
+    device = target_device if device is None else device
+    if device != target_device:
+        device = check_device(device, "drafter")
+    adapter_device = device_of(adapter)
+    if adapter_device is not None and adapter_device != device:
+        raise ValueError(
+            f"{_OP}: adapter is on {adapter_device} but the drafter is on {device}; an adapter runs with "
+            "its drafter (move it there)"
+        )
+    return device
+
+
+def check_streams(streams, device: torch.device, drafter_device: torch.device | None = None):
+    """(drafter stream, target stream): CUDA streams on the drafter's and the target's devices."""
     if streams is None:
         return None
+    drafter_device = device if drafter_device is None else drafter_device
     if device.type != "cuda":
         raise ValueError(f"{_OP}: streams are for CUDA models; the target is on {device}")
+    if drafter_device.type != "cuda":
+        raise ValueError(f"{_OP}: streams are for CUDA models; the drafter is on {drafter_device}")
     if (
         not isinstance(streams, (tuple, list))
         or len(streams) != 2
         or not all(isinstance(stream, torch.cuda.Stream) for stream in streams)
     ):
         raise ValueError(f"{_OP}: streams must be (drafter stream, target stream), two torch.cuda.Stream")
-    if any(stream.device != device for stream in streams):
-        raise ValueError(f"{_OP}: streams must be on the models' device {device}")
+    if drafter_device == device:
+        if any(stream.device != device for stream in streams):
+            raise ValueError(f"{_OP}: streams must be on the models' device {device}")
+    elif (streams[0].device, streams[1].device) != (drafter_device, device):
+        raise ValueError(
+            f"{_OP}: streams must be (a stream on the drafter's device {drafter_device}, one on the "
+            f"target's {device}), got streams on {streams[0].device} and {streams[1].device}"
+        )
     return tuple(streams)

@@ -155,6 +155,11 @@ class DraftModel:
             raise FloatingPointError("the drafter's hidden states after its prompt are not finite (NaN/inf)")
         return hidden
 
+    def reads(self, verdict):
+        """What this model's turn reads of a round's ``round.Verdict`` (what crosses to its device):
+        the tokens and the counts, not the target's hidden states or features."""
+        return verdict._replace(hidden=None, features=None)
+
     def pending(self, verdict, active: torch.Tensor, active_host: list[bool], fed: int) -> Pending:
         """What the drafter must read after a round (``verdict``: ``round.Verdict``) that committed
         row b's ``verdict.tokens[b, :accepted[b] + 1]`` (``active`` [B]: rows still generating).

@@ -22,9 +22,15 @@ One request batch, start to end:
 3. A drafter that raises (an error, or running out of memory) never touches the output: the
    engine finishes with target-only decoding (rounds without drafts) and reports the fallback.
 
-Host reads: one per round, in ``Verifier.step``. Caches are ``SlotCache``s (every row has its own
-length, no holes); ``step_mode`` runs block forwards eagerly, through ``torch.compile`` or as CUDA
-graphs (``runner.py``).
+4. Devices: the drafter (with its adapter) may sit on another device than the target (another
+   GPU, or the CPU beside a GPU). Each round its proposal crosses to the target's device and the
+   verdict comes back through a ``runtime.devices.DevicePair``, which the round calls
+   unconditionally (on one device it is the identity); a feature head stays with the target.
+
+Host reads: one per round, in ``Verifier.step`` (with a CPU drafter beside a GPU target, the host
+also waits on the event after the verdict's copy into pinned memory: the drafter reads it there).
+Caches are ``SlotCache``s (every row has its own length, no holes); ``step_mode`` runs block
+forwards eagerly, through ``torch.compile`` or as CUDA graphs (``runner.py``).
 
 Greedy output equals ``target.generate(**target_inputs, do_sample=False)`` token for token (up to
 floating-point near-ties between the one-token and the many-token forward). Sampling
@@ -42,6 +48,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -49,12 +56,18 @@ from crossspec_kernels import hf_attention
 from crossspec_kernels.models.feature_head import FeatureHead
 from crossspec_kernels.runtime import checks
 from crossspec_kernels.runtime.controlled import ControlledAcceptance
+from crossspec_kernels.runtime.devices import DevicePair
 from crossspec_kernels.runtime.draft_config import MAX_DRAFT_NODES, ChainDraft, TreeDraft
 from crossspec_kernels.runtime.drafting import DraftModel, Proposal
-from crossspec_kernels.runtime.feature_drafting import HeadDecoder, check_feature_head, feature_draft_model
+from crossspec_kernels.runtime.feature_drafting import (
+    EVENT_FEATURE_KINDS,
+    HeadDecoder,
+    check_feature_head,
+    feature_draft_model,
+)
 from crossspec_kernels.runtime.round import Verdict, Verifier
 from crossspec_kernels.runtime.runner import STEP_MODES, ModelRunner, graph_capture_available
-from crossspec_kernels.runtime.sampling import SAMPLING_MODES, CoupledSampler, StreamSampler
+from crossspec_kernels.runtime.sampling import SAMPLING_MODES, CoupledNoise, CoupledSampler, StreamSampler
 from crossspec_kernels.runtime.stages import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -112,6 +125,17 @@ class CrossSpecEngine:
             switched to "crossspec"; a head saved without its token embedding gets the target's.
         draft_vocab: the token ids the feature head may propose (e.g. the most frequent ones), or
             None (all): a smaller LM head for the drafts, verification still over the full vocabulary.
+        device_pair: testing / inspection: the ``runtime.devices.DevicePair`` between the target's
+            device and the drafter's (they must be the models'); e.g. ``DevicePair("cpu", "cpu",
+            copy=True)`` copies every tensor that crosses even on one device. None: the models'.
+
+    Devices. The drafter and its adapter may sit on another device than the target (and a
+    feature head): another GPU, or the CPU beside a GPU; ``drafter_inputs`` then live on the
+    drafter's device. Each round the drafts cross to the target's device and the verdict comes
+    back through a ``DevicePair`` (``runtime.devices``); the drafter keeps a copy of the target's
+    LM head weight on its device to score its drafts; a CPU drafter beside a GPU target runs its
+    ops on their CPU defaults even under ``backend="cuda"`` / ``"triton"``. L5/L5F heads (which
+    read the event drafter's features every step) need the drafter on the target's device.
     """
 
     def __init__(
@@ -129,6 +153,7 @@ class CrossSpecEngine:
         compile_backend: str = "inductor",
         feature_head: FeatureHead | None = None,
         draft_vocab=None,
+        device_pair: DevicePair | None = None,
     ) -> None:
         draft = ChainDraft() if draft is None else draft
         if backend not in (None, "cuda", "triton", "reference"):
@@ -157,6 +182,7 @@ class CrossSpecEngine:
             available, reason = graph_capture_available(self.device)
             if not available:
                 raise ValueError(f"{_OP}: step_mode='cuda_graph' needs CUDA graph capture: {reason}")
+        self.drafter_device = self.device
         if drafter is None:
             if feature_head is None:
                 raise ValueError(f"{_OP}: drafter=None needs a feature_head (something must draft)")
@@ -164,15 +190,25 @@ class CrossSpecEngine:
                 raise ValueError(f"{_OP}: an adapter maps the drafter's hidden states; drafter is None")
         else:
             checks.check_drafter(drafter, adapter, target)
+            self.drafter_device = checks.drafter_device(drafter, adapter, self.device)
+            if step_mode == "cuda_graph":
+                available, reason = graph_capture_available(self.drafter_device)
+                if not available:
+                    raise ValueError(
+                        f"{_OP}: step_mode='cuda_graph' needs CUDA graph capture (drafter): {reason}"
+                    )
+        self.device_pair = _check_pair(device_pair, self.device, self.drafter_device)
         if feature_head is None and draft_vocab is not None:
             raise ValueError(f"{_OP}: draft_vocab restricts a feature head's drafts; feature_head is None")
         self.draft_vocab = None
         if feature_head is not None:
             self.draft_vocab = check_feature_head(feature_head, target, draft_vocab, drafter, draft)
-        for name, model in (("drafter", drafter), ("adapter", adapter)):
-            device = checks.device_of(model)
-            if device is not None and device != self.device:
-                raise ValueError(f"{_OP}: {name} is on {device} but the target is on {self.device}")
+            if self.device_pair.crosses and feature_head.config.kind in EVENT_FEATURE_KINDS:
+                raise ValueError(
+                    f"{_OP}: feature_head of kind {feature_head.config.kind!r} reads the event drafter's "
+                    f"features every draft step; it needs the drafter on the target's device {self.device}, "
+                    f"got {self.device_pair!r} (use a 'b1' head, or put the drafter with the target)"
+                )
         self.target = hf_attention.enable(target)
         self.drafter = None if drafter is None else hf_attention.enable(drafter)
         self.feature_head = feature_head
@@ -183,28 +219,38 @@ class CrossSpecEngine:
         self.free_token_budget = free_token_budget
         self.backend = backend
         self.overlap = overlap
-        self.streams = checks.check_streams(streams, self.device)
+        self.streams = checks.check_streams(streams, self.device, self.drafter_device)
         self.lm_head = head
+        # The drafter scores its drafts with the target's LM head: a copy on its own device.
+        self.drafter_lm_head_weight = None if drafter is None else self.device_pair.drafter_copy(head.weight)
         self.step_mode = step_mode
         # Runners keep their caches (and compiled or captured steps) from one request to the next.
         runner = dict(step_mode=step_mode, compile_backend=compile_backend)
-        self.target_runner = ModelRunner(target, kernel=self._attention_kernel(target), **runner)
+        self.target_runner = ModelRunner(target, kernel=self._attention_kernel(target, self.device), **runner)
         self.drafter_runner = None
+        # A CPU drafter beside a GPU target runs each op's CPU default: a forced GPU backend
+        # ("cuda", "triton") is the target's.
+        self.drafter_backend = backend
+        if self.drafter_device.type == "cpu" and self.device.type == "cuda" and backend in ("cuda", "triton"):
+            self.drafter_backend = None
         if drafter is not None:
-            self.drafter_runner = ModelRunner(drafter, kernel=self._attention_kernel(drafter), **runner)
+            kernel = self._attention_kernel(drafter, self.drafter_device, self.drafter_backend)
+            self.drafter_runner = ModelRunner(drafter, kernel=kernel, **runner)
         self.head_runner = None
         if feature_head is not None:
             decoder = HeadDecoder(feature_head)
-            kernel = self._attention_kernel(decoder)
+            kernel = self._attention_kernel(decoder, self.device)
             self.head_runner = ModelRunner(decoder, kernel=kernel, base=decoder, **runner)
 
-    def _attention_kernel(self, model) -> str | None:
-        """The tree_attention backend of a model's block forwards; None = torch SDPA."""
-        if self.backend is not None:
-            return "triton" if self.backend == "cuda" else self.backend
+    def _attention_kernel(self, model, device: torch.device, backend="engine") -> str | None:
+        """The tree_attention backend of a model's block forwards on ``device`` (under ``backend``,
+        by default the engine's); None = torch SDPA."""
+        backend = self.backend if backend == "engine" else backend
+        if backend is not None:
+            return "triton" if backend == "cuda" else backend
         config = checks.text_config(model)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return "triton" if self.device.type == "cuda" and head_dim in _TRITON_HEAD_DIMS else None
+        return "triton" if device.type == "cuda" and head_dim in _TRITON_HEAD_DIMS else None
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -255,7 +301,9 @@ class CrossSpecEngine:
             one target token), tokens_per_round, free_tokens (drafted before the target's prefill
             finished), free_tokens_accepted, ttft_ms, tokens_per_s, total_ms, stage_ms (per NVTX
             stage; target.prefill includes target.vision), rounds, fallback, fallback_reason,
-            device, step_mode, per_position_acceptance (alpha_k = P(draft at depth k accepted |
+            device, drafter_device, transfers / transfer_bytes / transfer_bytes_per_round (what
+            crossed between the two devices through the ``DevicePair``: calls and nbytes; 0 on one
+            device), step_mode, per_position_acceptance (alpha_k = P(draft at depth k accepted |
             depths < k accepted), over rounds that drafted depth k), drafters (per drafter,
             "event" and "feature": kind ("event", or the head's "b1"/"l5"/"l5f"), label (the
             research label, e.g. "L5F", or None), row_rounds, drafted depth, accepted,
@@ -315,7 +363,11 @@ class _Run:
         self.eos = checks.eos_ids(engine.target, eos, vocab)
         self.pad = checks.pad_id(engine.target, self.eos, pad, vocab)
         self.device = device = engine.device
+        self.drafter_device = drafter_device = engine.drafter_device
         self.timer = StageTimer(device)
+        # The drafter's stages on its own clock when it has its own device (CUDA events on it, or
+        # perf_counter on the CPU); both timers' totals add up in stats["stage_ms"].
+        self.drafter_timer = self.timer if drafter_device == device else StageTimer(drafter_device)
         backend = engine.backend
         # Ops without a CUDA C++ kernel run on triton when verify is forced onto "cuda".
         self._kernel_backend = "triton" if backend == "cuda" else backend
@@ -332,10 +384,14 @@ class _Run:
         self.drafter = self.head = None
         if engine.drafter is not None:
             drafter_runner.allocate(
-                batch, self.drafter_inputs["input_ids"].shape[1] + room, drafter_dtype, device
+                batch, self.drafter_inputs["input_ids"].shape[1] + room, drafter_dtype, drafter_device
             )
             self.drafter = DraftModel(
-                drafter_runner, engine.adapter, engine.lm_head.weight, self.timer, self._kernel_backend
+                drafter_runner,
+                engine.adapter,
+                engine.drafter_lm_head_weight,
+                self.drafter_timer,
+                "triton" if engine.drafter_backend == "cuda" else engine.drafter_backend,
             )
         if engine.feature_head is not None:
             head_runner = engine.head_runner
@@ -355,21 +411,50 @@ class _Run:
         self.verifier.accept = self.timer.timed("verify.accept", self.verifier.accept)
         self.verifier.compact = self.timer.timed("kv.compact", self.verifier.compact)
 
-        self.sampler = None  # greedy
+        # The event drafter's sampling noise lives on its device (a feature head's on the target's).
+        self.sampler = self.head_sampler = None  # greedy
+        self.drafter_noise = self.verifier.noise
+        if self.verifier.noise is not None and drafter_device != device:
+            seeds = torch.tensor(self.seeds, dtype=torch.int64, device=drafter_device)
+            self.drafter_noise = CoupledNoise(seeds, self.temperature)
         if self.temperature > 0:
-            self.sampler = (
-                CoupledSampler(self.verifier.noise)
-                if self.sampling == "coupled"
-                else StreamSampler(torch.Generator(device).manual_seed(self.seeds[0]))
-            )
+            if self.sampling == "coupled":
+                self.sampler = CoupledSampler(self.drafter_noise)
+                self.head_sampler = CoupledSampler(self.verifier.noise)
+            else:
+                self.sampler = StreamSampler(torch.Generator(drafter_device).manual_seed(self.seeds[0]))
+                self.head_sampler = self.sampler
+                if drafter_device != device:
+                    self.head_sampler = StreamSampler(torch.Generator(device).manual_seed(self.seeds[0]))
         self.drafter_stream, self.target_stream = None, None
+        # Lower number = higher priority: the drafter's small kernels go first when both are queued.
+        high = torch.cuda.Stream.priority_range()[1] if torch.cuda.is_available() else 0
         if engine.streams is not None:
             self.drafter_stream, self.target_stream = engine.streams
-        elif device.type == "cuda":
-            self.target_stream = torch.cuda.Stream(device)
-            # Lower number = higher priority: the drafter's small kernels go first when both are queued.
-            high = torch.cuda.Stream.priority_range()[1]
-            self.drafter_stream = torch.cuda.Stream(device, priority=high)
+        else:
+            if device.type == "cuda":
+                self.target_stream = torch.cuda.Stream(device)
+            if drafter_device.type == "cuda":
+                self.drafter_stream = torch.cuda.Stream(drafter_device, priority=high)
+        # A feature head runs with the target: on the drafter's stream when both share a device.
+        self.head_stream = self.drafter_stream
+        if drafter_device != device:
+            self.head_stream = None if device.type != "cuda" else torch.cuda.Stream(device, priority=high)
+        # What crosses between the two sides each round (the identity on one device).
+        self.pair = engine.device_pair.bind(self.drafter_stream, self.target_stream)
+        self.head_pair = DevicePair(device).bind(self.head_stream, self.target_stream)
+        self.event_side = self.head_side = None
+        if self.drafter is not None:
+            self.event_side = _Side(
+                "event", self.drafter, self.pair, self.drafter_stream, self.sampler, self.drafter_noise
+            )
+        if self.head is not None:
+            self.head_side = _Side(
+                "feature", self.head, self.head_pair, self.head_stream, self.head_sampler, self.verifier.noise
+            )
+        self.proposing = self.event_side or self.head_side  # the side whose proposal is verified next
+        self.position: torch.Tensor | None = None  # the proposing side's copy of verifier.generated
+        self.free_observed: int | None = None  # free tokens counted in host time (two clocks)
         self.override = None
         self.fallback_reason = None
         self.pieces: list[list[torch.Tensor]] = [[] for _ in range(batch)]
@@ -402,25 +487,27 @@ class _Run:
             raise ValueError(
                 f"{_OP}.generate: controlled_acceptance needs an event drafter and no feature head"
             )
-        controlled.check(self.batch, self.drafter.shared_vocab, self.device)
-        # Draft `step` of a round proposes new token number generated + step.
-        self.override = lambda token, step: controlled.apply(token, self.verifier.generated + step)
+        controlled.check(self.batch, self.drafter.shared_vocab, self.drafter_device)
+        # Draft `step` of a round proposes new token number generated + step (the drafter's copy).
+        self.override = lambda token, step: controlled.apply(token, self.position + step)
 
     # streams ----------------------------------------------------------------------------------
     def _on(self, stream):
         return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
 
     def _join(self, waiting, producer) -> None:
-        """``waiting`` stream orders itself after everything queued on ``producer`` (an event)."""
-        if waiting is not None:
+        """``waiting`` stream orders itself after everything queued on ``producer`` (an event);
+        streams of one device (across devices the ``DevicePair`` orders the copies)."""
+        if waiting is not None and producer is not None:
             waiting.wait_stream(producer)
 
     # the drafter, guarded ----------------------------------------------------------------------
-    def _drafter_call(self, fn, *args, **kwargs):
+    def _drafter_call(self, fn, *args, stream=None, **kwargs):
+        """``fn`` on ``stream`` (the event drafter's stream by default); a failure means fallback."""
         if self.fallback_reason is not None:
             return None
         try:
-            with self._on(self.drafter_stream):
+            with self._on(self.drafter_stream if stream is None else stream):
                 return fn(*args, **kwargs)
         except Exception as error:  # an OOM or any bug in the drafter: finish without it
             self.fallback_reason = f"{type(error).__name__}: {error}"
@@ -430,9 +517,8 @@ class _Run:
     # ------------------------------------------------------------------------------------------
     def execute(self) -> GenerateOutput:
         start = time.perf_counter()
-        if self.device.type == "cuda":
-            for stream in (self.target_stream, self.drafter_stream):
-                stream.wait_stream(torch.cuda.current_stream(self.device))
+        for stream in {self.target_stream, self.drafter_stream, self.head_stream} - {None}:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))  # the inputs' stream
 
         proposal = self._prefill_phase()
         root, first_tokens = None, None
@@ -453,11 +539,10 @@ class _Run:
         return GenerateOutput(sequences, self._stats(start, first_tokens, end))
 
     def _verify(self, root, proposal: Proposal | None) -> Verdict:
+        proposal, finite = self.proposing.pair.to_target((proposal, self.drafter_finite))
         proposal = Proposal.empty(self.batch, self.device) if proposal is None else proposal
-        self._join(self.target_stream, self.drafter_stream)
-        _handoff(proposal, self.target_stream)
         with self._on(self.target_stream):
-            verdict = self.verifier.step(root, proposal, self.drafter_finite)
+            verdict = self.verifier.step(root, proposal, finite)
         self.drafter_finite = None
         if not verdict.drafter_finite and self.fallback_reason is None:
             self.fallback_reason = "FloatingPointError: the drafter's hidden states are not finite (NaN/inf)"
@@ -469,29 +554,43 @@ class _Run:
         propose the next round's drafts."""
         if self.fallback_reason is not None:
             return None
-        model = self.drafter if self.head is None else self.head
-        self.proposer = "event" if self.head is None else "feature"
-        self._join(self.drafter_stream, self.target_stream)
-        _handoff(verdict, self.drafter_stream)
+        side = self.proposing = self.event_side if self.head is None else self.head_side
+        self.proposer = side.name
+        # What the drafter's turn reads of the round, on its side: the tokens, the counts, the
+        # rows still generating and their positions (a feature head: the target's features too).
+        # Guarded like the drafter's own work: a copy that fails on its device means fallback.
+        turn = _Turn(side.model.reads(verdict), self.verifier.active, self.verifier.generated)
+        turn = self._drafter_call(side.pair.to_drafter, turn, stream=side.stream)
+        if turn is None:
+            return None
+        self.position = turn.position
         fed = 0 if proposal is None else proposal.fed
         pending = self._drafter_call(
-            model.pending, verdict, self.verifier.active, self.verifier.active_host, fed
+            side.model.pending, turn.verdict, turn.active, self.verifier.active_host, fed, stream=side.stream
         )
-        hidden = None if pending is None else self._drafter_call(model.catch_up, pending)
+        hidden = (
+            None if pending is None else self._drafter_call(side.model.catch_up, pending, stream=side.stream)
+        )
         if hidden is not None:  # read with the next round's counts (Verifier.step)
-            self.drafter_finite = torch.isfinite(hidden).all()
-        return None if hidden is None else self._drafter_call(self._propose, model, hidden)
+            with self._on(side.stream):  # where ``hidden`` was made
+                self.drafter_finite = torch.isfinite(hidden).all()
+        return (
+            None
+            if hidden is None
+            else self._drafter_call(self._propose, side.model, hidden, stream=side.stream)
+        )
 
     def _propose(self, model: DraftModel, hidden) -> Proposal:
-        config = self.engine.draft
+        """``model`` (the proposing side's) drafts with that side's sampler or noise."""
+        config, side = self.engine.draft, self.proposing
         if isinstance(config, TreeDraft):
-            return model.tree(hidden, config, noise=self.verifier.noise, position=self.verifier.generated)
+            return model.tree(hidden, config, noise=side.noise, position=self.position)
         return model.chain(
             hidden,
             config,
             temperature=self.temperature,
-            sampler=self.sampler,
-            position=self.verifier.generated,
+            sampler=side.sampler,
+            position=self.position,
             override=self.override,
         )
 
@@ -516,10 +615,23 @@ class _Run:
                 config.gamma if isinstance(config, ChainDraft) else config.depth, self.max_new_tokens
             )
 
+        # Two clocks (the drafter on its own device): a draft is free when its step finished (its
+        # host time, or when the host saw its CUDA event done) before the target's prefill did.
+        two_clocks = self.drafter_timer is not self.timer
+        finished_at: dict[int, float] = {}
+
+        def observe(marks) -> None:
+            now = time.perf_counter()
+            for index, mark in enumerate(marks):
+                if index not in finished_at and (not isinstance(mark, torch.cuda.Event) or mark.query()):
+                    finished_at[index] = now if isinstance(mark, torch.cuda.Event) else mark
+
         def should_stop(timestamps) -> bool:
+            if two_clocks:
+                observe(timestamps)
             if len(timestamps) >= budget or not self.engine.overlap:
                 return len(timestamps) >= budget
-            if self.device.type == "cuda":
+            if self.drafter_device.type == "cuda":
                 # Keep at most two steps in flight so drafting stops soon after the prefill does.
                 while len(timestamps) >= 2 and not (prefill_done() or timestamps[-2].query()):
                     time.sleep(20e-6)
@@ -530,27 +642,42 @@ class _Run:
             None if self.drafter is None else self._drafter_call(self.drafter.prefill, self.drafter_inputs)
         )
         if hidden is not None:
+            # Nothing committed yet: zeros made on the drafter's side (a copy from the target's
+            # stream would wait behind the prefill queued there).
+            self.position = torch.zeros(self.batch, dtype=torch.int64, device=self.drafter_device)
             proposal = self._drafter_call(
                 self.drafter.chain,
                 hidden,
                 ChainDraft(budget),
                 temperature=self.temperature,
                 sampler=self.sampler,
-                position=self.verifier.generated,
+                position=self.position,
                 should_stop=should_stop,
                 override=self.override,
             )
+        marks = [] if proposal is None else proposal.timestamps
+        while two_clocks and len(finished_at) < len(marks) and not prefill_done():
+            observe(marks)
+            time.sleep(20e-6)
         try:
             future.result()
         finally:
             worker.shutdown()
+        if two_clocks:
+            end = state["end_host"]
+            self.free_observed = sum(finished_at.get(index, math.inf) <= end for index in range(len(marks)))
         if self.head is not None:  # the head reads the prompt's features, after the target's prefill
-            self._join(self.drafter_stream, self.target_stream)
+            self._join(self.head_stream, self.target_stream)
             inputs = self.target_inputs
             mask = inputs.get("attention_mask")
             mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
             self._drafter_call(
-                self.head.prefill, inputs["input_ids"], mask, self.verifier.prompt_hidden, hidden
+                self.head.prefill,
+                inputs["input_ids"],
+                mask,
+                self.verifier.prompt_hidden,
+                hidden,  # an L5/L5F head's (the drafter is on the target's device then)
+                stream=self.head_stream,
             )
             self.verifier.prompt_hidden = None
         # Which drafts were free is read at the end (CUDA event times need a sync).
@@ -568,6 +695,10 @@ class _Run:
             with torch.no_grad(), timer.stage("target.prefill"):
                 self.verifier.prefill(self.target_inputs)
             state["end"] = timer.mark()
+            if self.drafter_timer is not timer:  # two clocks: when the prefill ended, host time
+                if isinstance(state["end"], torch.cuda.Event):
+                    state["end"].synchronize()  # this thread has nothing else to do
+                state["end_host"] = time.perf_counter()
 
     # bookkeeping ------------------------------------------------------------------------------
     def _collect(self, verdict: Verdict, proposal: Proposal | None, *, first: bool) -> None:
@@ -631,9 +762,17 @@ class _Run:
         total_s = end - start
         generated = sum(self.lengths)
         stage_ms = self.timer.totals()  # synchronises on CUDA, so event times can be read now
+        if self.drafter_timer is not self.timer:
+            if self.drafter_device.type == "cuda":
+                torch.cuda.synchronize(self.drafter_device)  # its events, before reading them
+            for name, ms in self.drafter_timer.totals().items():
+                stage_ms[name] += ms
         prefill_start, prefill_end, marks = self.prefill_marks
-        prefill_ms = self.timer.elapsed_ms(prefill_start, prefill_end)
-        free = sum(self.timer.elapsed_ms(prefill_start, mark) <= prefill_ms for mark in marks)
+        if self.free_observed is not None:
+            free = self.free_observed
+        else:
+            prefill_ms = self.timer.elapsed_ms(prefill_start, prefill_end)
+            free = sum(self.timer.elapsed_ms(prefill_start, mark) <= prefill_ms for mark in marks)
         drafted_rows, drafted, accepted = (sum(column) for column in zip(*self.by_drafter.values()))
         return {
             "acceptance_rate": accepted / drafted if drafted else 0.0,
@@ -649,6 +788,11 @@ class _Run:
             "fallback": self.fallback_reason is not None,
             "fallback_reason": self.fallback_reason,
             "device": str(self.device),
+            "drafter_device": str(self.drafter_device),
+            # What crossed between the two devices (0 on one device): DevicePair's counts.
+            "transfer_bytes": self.pair.moved_bytes,
+            "transfer_bytes_per_round": self.pair.moved_bytes / self.rounds if self.rounds else 0.0,
+            "transfers": self.pair.transfers,
             "step_mode": self.engine.step_mode,
             "sampling": "greedy" if self.temperature == 0 else self.sampling,
             "accepted_length_histogram": list(self.accepted_hist),
@@ -685,14 +829,39 @@ def _parameter_dtype(model: torch.nn.Module, default: torch.dtype) -> torch.dtyp
     return default
 
 
-def _handoff(tensors, stream) -> None:
-    """Tensors made on one stream and read on ``stream``: keep the allocator from reusing their
-    memory before ``stream`` is done with them."""
-    if stream is None:
-        return
-    for tensor in tensors:
-        if isinstance(tensor, torch.Tensor):
-            tensor.record_stream(stream)
+class _Side(NamedTuple):
+    """A drafting model and what it drafts with: the event drafter on its device, or a feature
+    head on the target's."""
+
+    name: str  # "event" or "feature" (stats["drafters"])
+    model: DraftModel
+    pair: DevicePair  # between the target and this side
+    stream: torch.cuda.Stream | None
+    sampler: object  # sampled chains' sampler (runtime.sampling) on this side, None when greedy
+    noise: CoupledNoise | None  # coupled trees' noise on this side
+
+
+class _Turn(NamedTuple):
+    """What a drafter's turn reads of a round (``DevicePair.to_drafter`` moves it)."""
+
+    verdict: Verdict  # as ``DraftModel.reads`` keeps it
+    active: torch.Tensor  # [B] bool: rows still generating
+    position: torch.Tensor  # [B] int64: tokens each row has committed (Verifier.generated)
+
+
+def _check_pair(pair, target_device: torch.device, drafter_device: torch.device) -> DevicePair:
+    if pair is None:
+        return DevicePair(target_device, drafter_device)
+    if not isinstance(pair, DevicePair):
+        raise ValueError(
+            f"{_OP}: device_pair must be a runtime.devices.DevicePair or None, got {type(pair).__name__}"
+        )
+    if (pair.target, pair.drafter) != (target_device, drafter_device):
+        raise ValueError(
+            f"{_OP}: device_pair is {pair!r}, but the target is on {target_device} and the drafter on "
+            f"{drafter_device}"
+        )
+    return pair
 
 
 def _all_threads():

@@ -237,6 +237,10 @@ class FeatureDraftModel(DraftModel):
             )
         self.chain_base = None
 
+    def reads(self, verdict):
+        """The tokens, the counts and the target's features (a head runs with the target)."""
+        return verdict._replace(hidden=None)
+
     def pending(self, verdict, active: torch.Tensor, active_host: list[bool], fed: int) -> Pending:
         """The round's root and accepted nodes (target features) next to the tokens after them."""
         if self.chain_base is not None:  # a chain's entries read predicted features: drop them all
