@@ -66,7 +66,13 @@ from crossspec_kernels.runtime.feature_drafting import (
     feature_draft_model,
 )
 from crossspec_kernels.runtime.round import Verdict, Verifier
-from crossspec_kernels.runtime.runner import STEP_MODES, ModelRunner, graph_capture_available
+from crossspec_kernels.runtime.runner import (
+    STEP_MODES,
+    ModelRunner,
+    attention_kernel,
+    graph_capture_available,
+    parameter_dtype,
+)
 from crossspec_kernels.runtime.sampling import SAMPLING_MODES, CoupledNoise, CoupledSampler, StreamSampler
 from crossspec_kernels.runtime.stages import StageTimer
 
@@ -74,7 +80,6 @@ logger = logging.getLogger(__name__)
 _OP = "CrossSpecEngine"
 # Modules whose forward is the target's vision encoder, timed as the "target.vision" stage.
 _VISION_TOWERS = ("video_tower", "image_tower", "vision_tower")
-_TRITON_HEAD_DIMS = (64, 80, 96, 128)
 
 
 @dataclass
@@ -226,7 +231,9 @@ class CrossSpecEngine:
         self.step_mode = step_mode
         # Runners keep their caches (and compiled or captured steps) from one request to the next.
         runner = dict(step_mode=step_mode, compile_backend=compile_backend)
-        self.target_runner = ModelRunner(target, kernel=self._attention_kernel(target, self.device), **runner)
+        self.target_runner = ModelRunner(
+            target, kernel=attention_kernel(target, self.device, backend), **runner
+        )
         self.drafter_runner = None
         # A CPU drafter beside a GPU target runs each op's CPU default: a forced GPU backend
         # ("cuda", "triton") is the target's.
@@ -234,23 +241,13 @@ class CrossSpecEngine:
         if self.drafter_device.type == "cpu" and self.device.type == "cuda" and backend in ("cuda", "triton"):
             self.drafter_backend = None
         if drafter is not None:
-            kernel = self._attention_kernel(drafter, self.drafter_device, self.drafter_backend)
+            kernel = attention_kernel(drafter, self.drafter_device, self.drafter_backend)
             self.drafter_runner = ModelRunner(drafter, kernel=kernel, **runner)
         self.head_runner = None
         if feature_head is not None:
             decoder = HeadDecoder(feature_head)
-            kernel = self._attention_kernel(decoder, self.device)
+            kernel = attention_kernel(decoder, self.device, backend)
             self.head_runner = ModelRunner(decoder, kernel=kernel, base=decoder, **runner)
-
-    def _attention_kernel(self, model, device: torch.device, backend="engine") -> str | None:
-        """The tree_attention backend of a model's block forwards on ``device`` (under ``backend``,
-        by default the engine's); None = torch SDPA."""
-        backend = self.backend if backend == "engine" else backend
-        if backend is not None:
-            return "triton" if backend == "cuda" else backend
-        config = checks.text_config(model)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return "triton" if device.type == "cuda" and head_dim in _TRITON_HEAD_DIMS else None
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -377,7 +374,7 @@ class _Run:
         dtype = engine.lm_head.weight.dtype
         target_runner, drafter_runner = engine.target_runner, engine.drafter_runner
         target_runner.allocate(batch, self.target_inputs["input_ids"].shape[1] + room, dtype, device)
-        drafter_dtype = None if engine.drafter is None else _parameter_dtype(engine.drafter, dtype)
+        drafter_dtype = None if engine.drafter is None else parameter_dtype(engine.drafter, dtype)
         self.verifier = Verifier(
             target_runner, engine.lm_head, self.eos, self.temperature, self.seeds, backend, self.sampling
         )
@@ -395,7 +392,7 @@ class _Run:
             )
         if engine.feature_head is not None:
             head_runner = engine.head_runner
-            head_dtype = _parameter_dtype(engine.feature_head, dtype)
+            head_dtype = parameter_dtype(engine.feature_head, dtype)
             head_runner.allocate(batch, self.target_inputs["input_ids"].shape[1] + room, head_dtype, device)
             self.head = feature_draft_model(
                 engine.feature_head,
@@ -820,13 +817,6 @@ class _Run:
 
 def _max_nodes(config: ChainDraft | TreeDraft) -> int:
     return config.gamma if isinstance(config, ChainDraft) else config.max_nodes
-
-
-def _parameter_dtype(model: torch.nn.Module, default: torch.dtype) -> torch.dtype:
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return default
 
 
 class _Side(NamedTuple):

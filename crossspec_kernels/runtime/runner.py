@@ -28,6 +28,25 @@ import torch
 from crossspec_kernels.runtime.checks import text_config
 from crossspec_kernels.runtime.kv_cache import SlotCache
 
+TRITON_HEAD_DIMS = (64, 80, 96, 128)  # head dims the Triton tree-attention kernel is built for
+
+
+def attention_kernel(model, device: torch.device, backend: str | None) -> str | None:
+    """The tree_attention backend of ``model``'s block forwards on ``device``: a forced ``backend``
+    ("cuda" means triton here: tree attention has no CUDA C++ kernel), else Triton on CUDA where the
+    head dim allows; None = torch SDPA."""
+    if backend is not None:
+        return "triton" if backend == "cuda" else backend
+    config = text_config(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return "triton" if device.type == "cuda" and head_dim in TRITON_HEAD_DIMS else None
+
+
+def parameter_dtype(model: torch.nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``model``'s first floating-point parameter (its cache's dtype), else ``default``."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
+
+
 STEP_MODES = ("eager", "compile", "cuda_graph")
 MAX_BLOCK_GRAPHS = 64  # compiled block shapes per process (widths x tree/chain x models)
 

@@ -67,12 +67,11 @@ from crossspec_kernels.runtime.draft_config import MAX_DRAFT_NODES, ChainDraft, 
 from crossspec_kernels.runtime.drafting import DraftModel, Proposal
 from crossspec_kernels.runtime.engine import GenerateOutput
 from crossspec_kernels.runtime.round import Verdict, Verifier
-from crossspec_kernels.runtime.runner import ModelRunner
+from crossspec_kernels.runtime.runner import ModelRunner, attention_kernel, parameter_dtype
 from crossspec_kernels.runtime.sampling import SAMPLING_MODES, CoupledNoise, CoupledSampler, StreamSampler
 from crossspec_kernels.runtime.stages import StageTimer
 
 _OP = "SplitGenerator"
-_TRITON_HEAD_DIMS = (64, 80, 96, 128)
 ID_BYTES, PROB_BYTES, COUNT_BYTES = 4, 4, 1  # int32 token ids, fp32 probabilities, uint8 counts
 
 
@@ -167,19 +166,6 @@ class _Rows:
         return done
 
 
-def _attention_kernel(model, backend: str | None, device: torch.device) -> str | None:
-    """The engine's choice of block-forward attention (``CrossSpecEngine._attention_kernel``)."""
-    if backend is not None:
-        return "triton" if backend == "cuda" else backend
-    config = checks.text_config(model)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return "triton" if device.type == "cuda" and head_dim in _TRITON_HEAD_DIMS else None
-
-
-def _float_dtype(model: torch.nn.Module, default: torch.dtype) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
-
-
 def _pack(model: torch.nn.Module | None):
     """What an actor is sent for a model. An HF model travels as (class, config, state dict) and is
     rebuilt there: unpickled whole through Ray, its vision tower stops recording hidden states
@@ -231,7 +217,7 @@ class CloudVerifier:
         self.lm_head = checks.output_embeddings(target, "target")
         self.device = self.lm_head.weight.device
         self.backend = backend
-        self.runner = ModelRunner(target, kernel=_attention_kernel(target, backend, self.device))
+        self.runner = ModelRunner(target, kernel=attention_kernel(target, self.device, backend))
         self.link = DelayedLink()
         self.verifier: Verifier | None = None
 
@@ -330,7 +316,7 @@ class EdgeDrafter:
         self.lm_head_weight = ray.get(verifier.lm_head_weight.remote()).to(self.device)
         self.draft, self.free_token_budget = draft, free_token_budget
         self.backend = "triton" if backend == "cuda" else backend
-        self.runner = ModelRunner(drafter, kernel=_attention_kernel(drafter, backend, self.device))
+        self.runner = ModelRunner(drafter, kernel=attention_kernel(drafter, self.device, backend))
         self.link = DelayedLink()
 
     def set_rtt(self, rtt_ms: float) -> None:
@@ -443,7 +429,7 @@ class EdgeDrafter:
         batch = len(settings["seeds"])
         width = drafter_inputs["input_ids"].shape[1]
         self.runner.allocate(
-            batch, width + settings["room"], _float_dtype(self.drafter, torch.float32), self.device
+            batch, width + settings["room"], parameter_dtype(self.drafter, torch.float32), self.device
         )
         self.model = DraftModel(
             self.runner, self.adapter, self.lm_head_weight, StageTimer(self.device), self.backend
