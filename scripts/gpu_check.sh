@@ -51,7 +51,7 @@ stage1() {
   # GPU-marked tests (kernels against the reference, the engine's cuda_graph mode) and the
   # engine, round and HF-integration suites on the GPU's default backends.
   step "GPU tests" tests_gpu.log python -m pytest -q -rs -m gpu tests
-  step "engine tests" tests_engine.log python -m pytest -q -x tests/test_round.py tests/test_engine.py \
+  step "engine tests" tests_engine.log python -m pytest -q -x tests/test_round.py tests/test_engine.py tests/test_device_pair.py \
     tests/test_hf_attention.py
   local cuda_tests=(tests/test_verify.py -q -k "gpu_backend_matches_reference and cuda and (float32 or bfloat16)")
   step "memcheck: verify" memcheck.log \
