@@ -421,10 +421,11 @@ def test_event_feature_head_drafts_from_the_real_features(
                 g = reference_drafter.model(input_ids=torch.cat([drafter_prompt, z], 1)).last_hidden_state
                 features = g[:, drafter_prompt.shape[1] - 1 :]  # g_j: after its prompt and z[:j]
                 if kind == "l5f":
-                    f = reference_model.model(
-                        input_ids=torch.cat([prompt["input_ids"], z], 1),
-                        pixel_values_videos=prompt["pixel_values_videos"],
-                    ).last_hidden_state[:, prompt["input_ids"].shape[1] - 1 :]
+                    # The prompt with its video, then z through the cache: a draft may be the video
+                    # placeholder id, which must not be read as one more video slot.
+                    seen = reference_model.model(**prompt, use_cache=True)
+                    after = reference_model.model(input_ids=z, past_key_values=seen.past_key_values)
+                    f = torch.cat([seen.last_hidden_state[:, -1:], after.last_hidden_state], 1)
                     features = torch.cat([features, f], -1)
                 width = n + gamma - 1
                 steps = rollout(head, features[:, :width], z[:, :width], gamma - 1).features
