@@ -74,7 +74,7 @@ from crossspec_kernels.runtime.runner import (
     parameter_dtype,
 )
 from crossspec_kernels.runtime.sampling import SAMPLING_MODES, CoupledNoise, CoupledSampler, StreamSampler
-from crossspec_kernels.runtime.stages import StageTimer
+from crossspec_kernels.runtime.stages import HostSeenMarks, StageTimer
 
 logger = logging.getLogger(__name__)
 _OP = "CrossSpecEngine"
@@ -612,20 +612,12 @@ class _Run:
                 config.gamma if isinstance(config, ChainDraft) else config.depth, self.max_new_tokens
             )
 
-        # Two clocks (the drafter on its own device): a draft is free when its step finished (its
-        # host time, or when the host saw its CUDA event done) before the target's prefill did.
-        two_clocks = self.drafter_timer is not self.timer
-        finished_at: dict[int, float] = {}
-
-        def observe(marks) -> None:
-            now = time.perf_counter()
-            for index, mark in enumerate(marks):
-                if index not in finished_at and (not isinstance(mark, torch.cuda.Event) or mark.query()):
-                    finished_at[index] = now if isinstance(mark, torch.cuda.Event) else mark
+        # Two clocks (the drafter on its own device): free tokens are counted in host time.
+        seen = HostSeenMarks() if self.drafter_timer is not self.timer else None
 
         def should_stop(timestamps) -> bool:
-            if two_clocks:
-                observe(timestamps)
+            if seen is not None:
+                seen.observe(timestamps)
             if len(timestamps) >= budget or not self.engine.overlap:
                 return len(timestamps) >= budget
             if self.drafter_device.type == "cuda":
@@ -653,16 +645,15 @@ class _Run:
                 override=self.override,
             )
         marks = [] if proposal is None else proposal.timestamps
-        while two_clocks and len(finished_at) < len(marks) and not prefill_done():
-            observe(marks)
+        while seen is not None and not seen.all_seen(marks) and not prefill_done():
+            seen.observe(marks)
             time.sleep(20e-6)
         try:
             future.result()
         finally:
             worker.shutdown()
-        if two_clocks:
-            end = state["end_host"]
-            self.free_observed = sum(finished_at.get(index, math.inf) <= end for index in range(len(marks)))
+        if seen is not None:
+            self.free_observed = seen.count_before(marks, state["end_host"])
         if self.head is not None:  # the head reads the prompt's features, after the target's prefill
             self._join(self.head_stream, self.target_stream)
             inputs = self.target_inputs

@@ -9,6 +9,7 @@ run, so timing adds no host sync to a round.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -84,3 +85,27 @@ class StageTimer:
         for name, spans in self._spans.items():
             totals[name] = sum(self.elapsed_ms(start, end) for start, end in spans)
         return totals
+
+
+class HostSeenMarks:
+    """When the host first saw each draft step's mark done, in host time (``time.perf_counter``).
+
+    With the drafter on its own device its CUDA events cannot be compared with the target's, so a
+    free token is a draft whose step the host saw finished before the target's prefill ended (a CPU
+    mark is its own host time; a CUDA event is stamped when ``query()`` first says it is done)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, float] = {}
+
+    def observe(self, marks) -> None:
+        now = time.perf_counter()
+        for index, mark in enumerate(marks):
+            if index not in self._seen and (not isinstance(mark, torch.cuda.Event) or mark.query()):
+                self._seen[index] = now if isinstance(mark, torch.cuda.Event) else mark
+
+    def all_seen(self, marks) -> bool:
+        return len(self._seen) >= len(marks)
+
+    def count_before(self, marks, end: float) -> int:
+        """How many of ``marks`` were seen done at or before host time ``end``."""
+        return sum(self._seen.get(index, math.inf) <= end for index in range(len(marks)))
