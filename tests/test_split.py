@@ -192,3 +192,28 @@ def test_bad_arguments_name_themselves(models, split):
         split.generate(inputs, dict(inputs), max_new_tokens=2, sampling="greedy")
     with pytest.raises(ValueError, match="drafter_inputs has batch 1"):
         split.generate(inputs, tm.single_row(inputs, 0), max_new_tokens=2)
+
+
+def test_a_failing_drafter_falls_back_without_touching_the_output(models):
+    """A drafter whose hidden states are NaN: no drafts from then on, the cloud decodes alone."""
+    target, _ = models
+    broken = noisy_target()
+    with torch.no_grad():
+        broken.model.language_model.norm.weight.fill_(float("nan"))
+    # The module's generator holds the 2 CPUs of this Ray: these actors ask for none.
+    generator = SplitGenerator(
+        target,
+        broken,
+        draft=ChainDraft(gamma=GAMMA),
+        backend="reference",
+        drafter_options={"num_cpus": 0},
+        verifier_options={"num_cpus": 0},
+    )
+    try:
+        inputs = tm.video_batch()
+        out = generator.generate(inputs, dict(inputs), max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    finally:
+        generator.close()
+    assert torch.equal(out.sequences, expected(inputs, eos_token_id=None))
+    assert out.stats["fallback"] is True and "not finite" in out.stats["fallback_reason"]
+    assert out.stats["rounds"] == NEW_TOKENS and out.stats["acceptance_rate"] == 0.0

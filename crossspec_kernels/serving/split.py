@@ -33,6 +33,9 @@ Network delay for benchmarks on one machine: every message carries its delivery 
 ``rtt_ms / 2``) and the receiver waits for it (``time.monotonic``, one clock per machine: on a real
 two-node deployment pass ``rtt_ms=0`` and let the network delay).
 
+A drafter that fails (an error, or non-finite hidden states) never touches the output: from then
+on the edge sends no drafts and the cloud decodes alone, one token a round (``stats["fallback"]``).
+
 Chains only (``ChainDraft``); a ``TreeDraft`` is refused. Python::
 
     import ray
@@ -395,8 +398,27 @@ class EdgeDrafter:
         return all(self.rows.finished)
 
     def _next_drafts(self, verdict: Verdict, proposal: Proposal) -> Proposal:
-        pending = self.model.pending(verdict, self.active, self.active_host, proposal.fed)
-        return self._chain(self.model.catch_up(pending), self.draft)
+        def chain() -> Proposal:
+            pending = self.model.pending(verdict, self.active, self.active_host, proposal.fed)
+            return self._chain(self._finite(self.model.catch_up(pending)), self.draft)
+
+        return self._guarded(chain)
+
+    def _guarded(self, drafts) -> Proposal:
+        """``drafts()``, or, once the drafter has failed (an error, non-finite hidden states), no
+        drafts: the cloud then decodes alone, one token a round, and the output is unchanged."""
+        if self.fallback_reason is None:
+            try:
+                return drafts()
+            except Exception as error:  # an OOM or any bug in the drafter: finish without it
+                self.fallback_reason = f"{type(error).__name__}: {error}"
+        return Proposal.empty(len(self.rows.lengths), self.device)
+
+    @staticmethod
+    def _finite(hidden: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(hidden).all()):  # a host read: the edge's round has one anyway
+            raise FloatingPointError("the drafter's hidden states are not finite (NaN/inf)")
+        return hidden
 
     def _free_drafts(self, drafter_inputs: dict, ack) -> Proposal:
         """Drafter prefill and a chain, until the budget is drafted or the cloud's prefill is done."""
@@ -410,8 +432,11 @@ class EdgeDrafter:
                 seen.append(ray.get(ack))
             return bool(seen) and DelayedLink.arrived(seen[0])
 
-        hidden = self.model.prefill(drafter_inputs)
-        return self._chain(hidden, ChainDraft(budget), should_stop=should_stop)
+        def chain() -> Proposal:
+            hidden = self._finite(self.model.prefill(drafter_inputs))
+            return self._chain(hidden, ChainDraft(budget), should_stop=should_stop)
+
+        return self._guarded(chain)
 
     def _chain(self, hidden, config: ChainDraft, should_stop=None) -> Proposal:
         return self.model.chain(
@@ -456,6 +481,7 @@ class EdgeDrafter:
         self.bytes_up: list[int] = []
         self.bytes_down: list[int] = []
         self.rounds = self.row_rounds = self.drafted = self.accepted = 0
+        self.fallback_reason = None
 
     def _result(self, start: float, first_reply: float, end: float) -> dict:
         batch = len(self.rows.lengths)
@@ -476,6 +502,8 @@ class EdgeDrafter:
                 "total_ms": total_s * 1e3,
                 "tokens_per_s": generated / total_s if total_s > 0 else math.inf,
                 "rtt_ms": self.link.one_way_s * 2e3,
+                "fallback": self.fallback_reason is not None,
+                "fallback_reason": self.fallback_reason,
                 "bytes": {
                     "edge_to_cloud_per_round": list(self.bytes_up),
                     "cloud_to_edge_per_round": list(self.bytes_down),
@@ -590,7 +618,9 @@ class SplitGenerator:
     ) -> GenerateOutput:
         """As ``CrossSpecEngine.generate`` (same arguments and checks). ``stats``: rounds,
         acceptance_rate, mean_accepted_length, tokens_per_round, first_round_drafts, ttft_ms, total_ms
-        (timed at the edge), tokens_per_s, rtt_ms, verify_ms (per round, in the cloud),
+        (timed at the edge), tokens_per_s, rtt_ms, fallback / fallback_reason (the drafter failed:
+        an error or non-finite hidden states; the cloud decoded the rest alone, output unchanged),
+        verify_ms (per round, in the cloud),
         request_bytes (the target inputs uploaded once), bytes (per direction, per round)."""
         models = SimpleNamespace(target=self.target, drafter=self.drafter, device=self.device)
         target_inputs, drafter_inputs = checks.check_inputs(models, target_inputs, drafter_inputs)
