@@ -45,11 +45,11 @@ import os
 
 import _common as harness
 import torch
-from models import SEED, TINY_TEXT, Setup, _clip, _eventgpt_spec, tiny_setup, use_native_attention
+from models import SEED, Setup, _eventgpt_spec, tiny_request, tiny_setup, use_native_attention
 
 from crossspec_kernels import hf_attention
 from crossspec_kernels import testing_models as tm
-from crossspec_kernels.models.eventgpt import eventgpt_config, preprocess_event_frames
+from crossspec_kernels.models.eventgpt import eventgpt_config
 from crossspec_kernels.runtime import ChainDraft, ControlledAcceptance, CrossSpecEngine
 from crossspec_kernels.serving.split import SplitGenerator, round_bytes, tensor_bytes
 
@@ -86,20 +86,12 @@ def parse_args(argv=None):
 def small_setup(device: torch.device) -> Setup:
     """The tiny preset's prompt and clip with a heavier target LM and an adapted EventGPT-tiny drafter."""
     dtype = torch.float32
-    events, video = _clip(20_000.0, 48, 64)
     text = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8)
     target = tm.tiny_video_llava(seed=SEED, attn_implementation="sdpa", head_dim=64, **text)
     target.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
     target = target.to(device)
-    text_before, text_after = TINY_TEXT
-    prompt = tm.video_prompt(text_before, text_after, seed=SEED)
-    ids = prompt[None].to(device)
-    target_inputs = dict(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        pixel_values_videos=preprocess_event_frames(video, tm.IMAGE_SIZE)[None].to(device, dtype),
-    )
-    before, question = prompt[:text_before].tolist(), prompt[-text_after:].tolist()
+    target_inputs, before, question, events = tiny_request(device, dtype)
+    ids = target_inputs["input_ids"]
     spec = _eventgpt_spec(
         "eventgpt-tiny",
         eventgpt_config("tiny"),

@@ -226,10 +226,10 @@ def _clip(events_per_second: float, height: int, width: int):
     )
 
 
-def tiny_setup(device: torch.device) -> Setup:
-    dtype = torch.float32
+def tiny_request(device: torch.device, dtype: torch.dtype):
+    """The tiny presets' request: (target_inputs, text before the video, question, events) of
+    the synthetic clip (48x64, 20k events/s) and ``TINY_TEXT``'s prompt."""
     events, video = _clip(20_000.0, 48, 64)
-    target = tm.tiny_video_llava(seed=SEED, attn_implementation="sdpa").to(device)
     text_before, text_after = TINY_TEXT
     prompt = tm.video_prompt(text_before, text_after, seed=SEED)
     ids = prompt[None].to(device)
@@ -238,7 +238,14 @@ def tiny_setup(device: torch.device) -> Setup:
         attention_mask=torch.ones_like(ids),
         pixel_values_videos=preprocess_event_frames(video, tm.IMAGE_SIZE)[None].to(device, dtype),
     )
-    before, question = prompt[:text_before].tolist(), prompt[-text_after:].tolist()
+    return target_inputs, prompt[:text_before].tolist(), prompt[-text_after:].tolist(), events
+
+
+def tiny_setup(device: torch.device) -> Setup:
+    dtype = torch.float32
+    target = tm.tiny_video_llava(seed=SEED, attn_implementation="sdpa").to(device)
+    target_inputs, before, question, events = tiny_request(device, dtype)
+    ids = target_inputs["input_ids"]
     config = eventgpt_config("tiny")
     drafters = [
         _eventgpt_spec(

@@ -407,6 +407,20 @@ def export_artifact(out_dir: Path, head, vocab, corpus, report: dict) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
+def greedy_new_tokens(model, ids, max_new_tokens: int, eos: int, **kwargs):
+    """``model.generate``'s greedy new tokens after the batch-1 prompt ``ids`` (the baseline)."""
+    import torch
+
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=eos,
+        **kwargs,
+    )[:, ids.shape[1] :]
+
+
 def _timed(fn, *args, **kwargs):
     began = time.perf_counter()
     out = fn(*args, **kwargs)
@@ -453,23 +467,10 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
         return torch.tensor([record["tokens"][: record["prompt_len"]]])
 
     def plain(ids):
-        return baseline.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=args.engine_tokens,
-            do_sample=False,
-            pad_token_id=eos,
-        )[:, ids.shape[1] :]
+        return greedy_new_tokens(baseline, ids, args.engine_tokens, eos)
 
     def lookup(ids):  # HF's prompt lookup decoding: a drafter-free speculative baseline
-        return baseline.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=args.engine_tokens,
-            do_sample=False,
-            pad_token_id=eos,
-            prompt_lookup_num_tokens=args.gamma,
-        )[:, ids.shape[1] :]
+        return greedy_new_tokens(baseline, ids, args.engine_tokens, eos, prompt_lookup_num_tokens=args.gamma)
 
     def spec(name, ids, **kwargs):
         return engines[name].generate(dict(input_ids=ids), None, max_new_tokens=args.engine_tokens, **kwargs)
@@ -508,14 +509,10 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
             out = spec("chain", ids, temperature=0.7, seed=0, sampling=mode)
             for key in agg[f"chain_T0.7_{mode}"]:
                 agg[f"chain_T0.7_{mode}"][key] += out.stats["drafters"]["feature"][key]
-        alone = baseline.generate(  # the target sampling alone under the coupled race
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=args.engine_tokens,
-            do_sample=False,
-            pad_token_id=eos,
-            logits_processor=LogitsProcessorList([CoupledSampling(0, 0.7, ids.shape[1])]),
-        )[:, ids.shape[1] :]
+        race = LogitsProcessorList([CoupledSampling(0, 0.7, ids.shape[1])])
+        alone = greedy_new_tokens(
+            baseline, ids, args.engine_tokens, eos, logits_processor=race
+        )  # the target alone
         coupled_identical &= torch.equal(out.sequences, alone)
 
     def summary(name):
@@ -549,6 +546,133 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
     }
 
 
+# The cost stage's draftings: chains of 1..5, a tree as wide as the 3-chain and one of 8 slots.
+COST_DRAFTS = {
+    **{f"chain{gamma}": ("chain", gamma) for gamma in range(1, 6)},
+    "tree_2x2_3": ("tree", (2, 2, 3)),
+    "tree_2x3_7": ("tree", (2, 3, 7)),
+}
+COST_WIDTHS = range(1, 9)  # verification blocks of 1 (a plain decode step) to 8 tokens
+
+
+def verify_cost_by_width(engine, prompt: list[int], reps: int) -> dict:
+    """Median ms of one target block forward + its LM head over W new tokens, W in COST_WIDTHS,
+    behind ``prompt`` (the widths interleaved, so drifting load hits all alike)."""
+    import torch
+
+    runner, lm_head = engine.target_runner, engine.lm_head
+    runner.allocate(1, len(prompt) + 2 * max(COST_WIDTHS), torch.float32, torch.device("cpu"))
+    runner.prefill({"input_ids": torch.tensor([prompt])})
+    times = {width: [] for width in COST_WIDTHS}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(reps):
+        for width in COST_WIDTHS:
+            tokens = torch.randint(0, lm_head.weight.shape[0], (1, width), generator=generator)
+            began = time.perf_counter()
+            lm_head(runner.forward(tokens, torch.arange(width)[None]))  # nothing committed
+            times[width].append(time.perf_counter() - began)
+    return {width: 1e3 * sorted(ts)[len(ts) // 2] for width, ts in times.items()}
+
+
+def stage_cost(args) -> dict:
+    """Where a round's time goes on this CPU, and what acceptance would pay for it.
+
+    1. The verification block's cost by width W (target forward + LM head, ms), against a plain
+       decode step (W = 1): ``c(W)``.
+    2. The engine with the head (``--head``, an exported artifact: its draft vocabulary and held-out
+       prompts) for every COST_DRAFTS entry against ``generate``, same prompts, same run; per
+       drafting the measured speedup, E[L], verify and draft ms per round, and the speedup the parts
+       explain, ``(1 + E[L]) * step / (verify + draft)``, and the E[L] that 1.3x would need at
+       those costs.
+    """
+    import torch
+
+    from crossspec_kernels.models.adapters import load_adapter
+    from crossspec_kernels.models.smollm2 import load_smollm2
+    from crossspec_kernels.runtime import ChainDraft, CrossSpecEngine, TreeDraft
+
+    if args.head is None or not (args.head / "held_out_prompts.json").is_file():
+        raise SystemExit("--stage cost needs --head DIR, an exported head (e.g. bench/artifacts/smollm2-b1)")
+    prompts = json.loads((args.head / "held_out_prompts.json").read_text())[: args.engine_prompts]
+    vocab = json.loads((args.head / "draft_vocab.json").read_text())
+    baseline, tokenizer = load_smollm2(args.model_dir)
+    target, _ = load_smollm2(args.model_dir)
+    head = load_adapter(args.head, expected_kind="b1", dtype=torch.float32)
+    head.load_embedding(target.get_input_embeddings().weight)
+    vocab = None if vocab is None else torch.tensor(vocab)
+    engines = {
+        name: CrossSpecEngine(
+            target,
+            None,
+            draft=ChainDraft(spec) if kind == "chain" else TreeDraft(*spec),
+            feature_head=head,
+            draft_vocab=vocab,
+        )
+        for name, (kind, spec) in COST_DRAFTS.items()
+    }
+    eos = tokenizer.eos_token_id
+
+    def plain(ids):
+        return greedy_new_tokens(baseline, ids, args.engine_tokens, eos)
+
+    with torch.no_grad():
+        costs = verify_cost_by_width(engines["chain1"], prompts[0], reps=args.cost_reps)
+    step = costs[1]
+    warm = torch.tensor([prompts[0]])
+    plain(warm)
+    for engine in engines.values():
+        engine.generate({"input_ids": warm}, None, max_new_tokens=16)
+    keys = ("seconds", "tokens", "rounds", "accepted_rows", "verify_ms", "draft_ms")
+    totals = {name: dict.fromkeys(keys, 0.0) for name in ("generate", *engines)}
+    identical = True
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        want, seconds = _timed(plain, ids)
+        totals["generate"]["seconds"] += seconds
+        totals["generate"]["tokens"] += want.shape[1]
+        for name, engine in engines.items():
+            out, seconds = _timed(
+                engine.generate, {"input_ids": ids}, None, max_new_tokens=args.engine_tokens
+            )
+            identical &= torch.equal(out.sequences, want)
+            stats, total = out.stats, totals[name]
+            total["seconds"] += seconds
+            total["tokens"] += out.sequences.shape[1]
+            total["rounds"] += stats["rounds"]
+            total["accepted_rows"] += stats["mean_accepted_length"] * stats["rounds"]
+            total["verify_ms"] += stats["stage_ms"]["verify.forward"] + stats["stage_ms"]["verify.accept"]
+            total["draft_ms"] += stats["stage_ms"]["draft.step"]
+    speed = {name: total["tokens"] / total["seconds"] for name, total in totals.items()}
+    rows = {}
+    for name, (kind, spec) in COST_DRAFTS.items():
+        total = totals[name]
+        width = 1 + (spec if kind == "chain" else spec[2])
+        accepted = total["accepted_rows"] / total["rounds"]
+        verify, draft = total["verify_ms"] / total["rounds"], total["draft_ms"] / total["rounds"]
+        rows[name] = {
+            "draft": str(engines[name].draft),
+            "block_width": width,
+            "speedup": speed[name] / speed["generate"],
+            "mean_accepted_length": accepted,
+            "verify_ms_per_round": verify,
+            "draft_ms_per_round": draft,
+            "verify_cost_in_steps": verify / step,
+            "draft_cost_in_steps": draft / step,
+            "explained_speedup": (1 + accepted) * step / (verify + draft),
+            "mean_accepted_length_for_1.3x": 1.3 * (verify + draft) / step - 1,
+        }
+    return {
+        "prompts": len(prompts),
+        "max_new_tokens": args.engine_tokens,
+        "draft_vocab": None if vocab is None else len(vocab),
+        "verify_ms_by_width": costs,
+        "verify_cost_by_width_in_steps": {width: ms / step for width, ms in costs.items()},
+        "tokens_per_s": speed,
+        "outputs_identical_to_generate": bool(identical),
+        "draftings": rows,
+    }
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -557,7 +681,10 @@ def parse_args(argv=None):
     parser.add_argument("--model-dir", type=Path, default=None, help="converted SmolLM2 (default: the cache)")
     parser.add_argument("--out", type=Path, default=None, help="report JSON (default: WORK_DIR/report.json)")
     parser.add_argument(
-        "--stage", choices=("corpus", "all"), help="corpus: stop after building the corpus", default="all"
+        "--stage",
+        choices=("corpus", "all", "cost"),
+        default="all",
+        help="corpus: stop after building the corpus; cost: only the cost stage (stage_cost) of --head",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--train-prompts", type=int, default=960)
@@ -615,6 +742,9 @@ def parse_args(argv=None):
         default=48,
         help="also score the head offline on this many training sequences",
     )
+    parser.add_argument(
+        "--cost-reps", type=int, default=15, help="repetitions of each width in the cost stage"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads < 1:
@@ -631,6 +761,10 @@ def main(argv=None) -> int:
     from crossspec_kernels.models.smollm2 import load_smollm2
 
     torch.set_num_threads(args.threads)
+    if args.stage == "cost":
+        report = {**_environment(args), "cost": stage_cost(args)}
+        _write_report(args, report)
+        return 0
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_smollm2(args.model_dir)
     corpus = stage_corpus(args, model, tokenizer)
@@ -640,7 +774,6 @@ def main(argv=None) -> int:
     )
     if args.stage == "corpus":
         return 0
-    import transformers
 
     began = time.monotonic()
     if args.head is None:
@@ -653,12 +786,7 @@ def main(argv=None) -> int:
     head.load_embedding(model.get_input_embeddings().weight)
     train_s = time.monotonic() - began
     report = {
-        "device": platform.processor() or platform.machine(),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **_environment(args),
         "train_steps": len(history),
         "train_seconds_this_run": round(train_s, 1),
         "final_loss": history[-1]["loss"] if history else None,
@@ -673,12 +801,31 @@ def main(argv=None) -> int:
         "engine": engine["acceptance_rate"],
         "difference": engine["acceptance_rate"] - offline["acceptance_rate"],
     }
-    out = args.out or args.work_dir / "report.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    _write_report(args, report)
     if args.export is not None:
         export_artifact(args.export, head, draft_vocab(args, corpus), corpus, report)
-    print(json.dumps(report, indent=2))
     return 0
+
+
+def _environment(args) -> dict:
+    import torch
+    import transformers
+
+    return {
+        "device": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _write_report(args, report: dict) -> None:
+    out = args.out or args.work_dir / "report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

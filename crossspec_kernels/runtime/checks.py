@@ -39,6 +39,22 @@ def check_int(name: str, value, low: int) -> int:
     return value
 
 
+BACKENDS = (None, "cuda", "triton", "reference")
+
+
+def check_backend(owner: str, backend) -> str | None:
+    """A constructor's ``backend`` argument (``owner``: the class, named in the error)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{owner}: backend must be None, 'cuda', 'triton' or 'reference', got {backend!r}")
+    return backend
+
+
+def check_free_token_budget(owner: str, budget, high: int) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= high:
+        raise ValueError(f"{owner}: free_token_budget must be an int in [1, {high}], got {budget!r}")
+    return budget
+
+
 def check_positions(target, prompt_width: int, max_new_tokens: int) -> None:
     """The prompt and the answer fit the target's position range (also bounds the KV cache, which
     is allocated for the whole answer up front)."""

@@ -161,18 +161,10 @@ class CrossSpecEngine:
         device_pair: DevicePair | None = None,
     ) -> None:
         draft = ChainDraft() if draft is None else draft
-        if backend not in (None, "cuda", "triton", "reference"):
-            raise ValueError(f"{_OP}: backend must be None, 'cuda', 'triton' or 'reference', got {backend!r}")
+        checks.check_backend(_OP, backend)
         if not isinstance(draft, (ChainDraft, TreeDraft)):
             raise ValueError(f"{_OP}: draft must be a ChainDraft or TreeDraft, got {type(draft).__name__}")
-        if (
-            isinstance(free_token_budget, bool)
-            or not isinstance(free_token_budget, int)
-            or not 1 <= free_token_budget <= MAX_DRAFT_NODES
-        ):
-            raise ValueError(
-                f"{_OP}: free_token_budget must be an int in [1, {MAX_DRAFT_NODES}], got {free_token_budget!r}"
-            )
+        checks.check_free_token_budget(_OP, free_token_budget, MAX_DRAFT_NODES)
         if not isinstance(overlap, bool):
             raise ValueError(f"{_OP}: overlap must be a bool, got {overlap!r}")
         if step_mode not in STEP_MODES:

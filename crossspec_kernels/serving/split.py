@@ -557,16 +557,8 @@ class SplitGenerator:
             )
         if not isinstance(draft, ChainDraft):
             raise ValueError(f"{_OP}: draft must be a ChainDraft, got {type(draft).__name__}")
-        if (
-            isinstance(free_token_budget, bool)
-            or not isinstance(free_token_budget, int)
-            or not 1 <= free_token_budget <= MAX_DRAFT_NODES
-        ):
-            raise ValueError(
-                f"{_OP}: free_token_budget must be an int in [1, {MAX_DRAFT_NODES}], got {free_token_budget!r}"
-            )
-        if backend not in (None, "cuda", "triton", "reference"):
-            raise ValueError(f"{_OP}: backend must be None, 'cuda', 'triton' or 'reference', got {backend!r}")
+        checks.check_free_token_budget(_OP, free_token_budget, MAX_DRAFT_NODES)
+        checks.check_backend(_OP, backend)
         if num_threads is not None and (
             isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
         ):
