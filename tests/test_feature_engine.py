@@ -1,5 +1,6 @@
 """The engine with feature heads: B1 (lossless, aligned with the offline evaluation, sampled exactly)
-and L5 / L5F (lossless, drafting from the event drafter's real features as ``rollout`` defines).
+and L5 / L5F (lossless, chains and trees drafting from the event drafter's real features as
+``rollout`` defines).
 
 Tiny random fp32 models (crossspec_kernels.testing_models) and a tiny Llama whose B1 head is trained
 in seconds; backend="reference" throughout (plain PyTorch on CPU).
@@ -312,15 +313,18 @@ def check_head_drafted(stats: dict, kind: str) -> None:
     assert stats["rounds"] * len(stats["accepted_length_histogram"]) > 0
 
 
+@pytest.mark.parametrize("draft", DRAFTS, ids=str)
 @pytest.mark.parametrize("kind", EVENT_KINDS)
-def test_event_feature_head_greedy_equals_target_generate_batch2(reference_model, target, batch_inputs, kind):
+def test_event_feature_head_greedy_equals_target_generate_batch2(
+    reference_model, target, batch_inputs, kind, draft
+):
     want = expected(reference_model, batch_inputs)
     drafter, drafter_inputs, adapter = event_drafter(batch_inputs)
     engine = CrossSpecEngine(
         target,
         drafter,
         adapter,
-        draft=ChainDraft(3),
+        draft=draft,
         backend="reference",
         feature_head=event_head(target, kind),
     )
@@ -329,13 +333,17 @@ def test_event_feature_head_greedy_equals_target_generate_batch2(reference_model
     check_head_drafted(out.stats, kind)
 
 
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
 @pytest.mark.parametrize("row", [0, 1])
 @pytest.mark.parametrize("kind", EVENT_KINDS)
-def test_event_feature_head_batch1_adaptive(reference_model, target, batch_inputs, kind, row):
+def test_event_feature_head_batch1_adaptive(reference_model, target, batch_inputs, kind, row, tree):
     inputs = tm.single_row(batch_inputs, row)
     drafter, drafter_inputs, adapter = event_drafter(batch_inputs)
     drafter_inputs = {name: value[row : row + 1] for name, value in drafter_inputs.items()}
-    draft = ChainDraft(4, min_confidence=0.0 if row == 0 else 0.001)
+    confidence = 0.0 if row == 0 else 0.001
+    draft = (
+        TreeDraft(2, 3, 6, min_confidence=confidence) if tree else ChainDraft(4, min_confidence=confidence)
+    )
     engine = CrossSpecEngine(
         target,
         drafter,
@@ -347,6 +355,32 @@ def test_event_feature_head_batch1_adaptive(reference_model, target, batch_input
     out = engine.generate(inputs, drafter_inputs, max_new_tokens=NEW_TOKENS)
     assert torch.equal(out.sequences, expected(reference_model, inputs))
     check_head_drafted(out.stats, kind)
+
+
+class RealFeatures:
+    """What an L5 (L5F) head reads at each position of ``z`` (the committed new tokens, then
+    drafts) in row ``row``, computed afresh by full forwards: the event drafter's g_j after its
+    prompt and z[:j] (L5F: next to the target's f_j)."""
+
+    def __init__(self, kind, reference_model, batch_inputs, drafter_inputs) -> None:
+        self.kind, self.reference_model, self.batch_inputs = kind, reference_model, batch_inputs
+        self.drafter = event_drafter(batch_inputs)[0]
+        self.drafter_inputs = drafter_inputs
+
+    @torch.no_grad()
+    def __call__(self, row: int, z: torch.Tensor) -> torch.Tensor:
+        inputs = self.drafter_inputs
+        drafter_prompt = inputs["input_ids"][row][inputs["attention_mask"][row].bool()][None]
+        g = self.drafter.model(input_ids=torch.cat([drafter_prompt, z], 1)).last_hidden_state
+        features = g[:, drafter_prompt.shape[1] - 1 :]  # g_j: after its prompt and z[:j]
+        if self.kind == "l5f":
+            # The prompt with its video, then z through the cache: a draft may be the video
+            # placeholder id, which must not be read as one more video slot.
+            seen = self.reference_model.model(**tm.single_row(self.batch_inputs, row), use_cache=True)
+            after = self.reference_model.model(input_ids=z, past_key_values=seen.past_key_values)
+            f = torch.cat([seen.last_hidden_state[:, -1:], after.last_hidden_state], 1)
+            features = torch.cat([features, f], -1)
+        return features
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "coupled"])
@@ -405,30 +439,19 @@ def test_event_feature_head_drafts_from_the_real_features(
         noise = CoupledNoise(torch.tensor([seed]), temperature)
         alone = tm.coupled_target_alone(reference_model, batch_inputs, seed, temperature, NEW_TOKENS)
         assert torch.equal(out.sequences, alone)
-    reference_drafter = event_drafter(batch_inputs)[0]
     lm_head = reference_model.get_output_embeddings().weight
+    features_of = RealFeatures(kind, reference_model, batch_inputs, drafter_inputs)
     checked = 0
     for row in range(2):
-        prompt = tm.single_row(batch_inputs, row)
-        drafter_prompt = drafter_inputs["input_ids"][row][drafter_inputs["attention_mask"][row].bool()][None]
         for committed, finished, drafts, hidden in chains:
             if finished[row]:
                 continue
             # z: y_1..y_n then d_1..d_gamma; head slot j reads (features after y_1..y_j, z[j]).
             z = torch.cat([committed[row], drafts[row]])[None]
             n = committed[row].numel()
+            width = n + gamma - 1
             with torch.no_grad():
-                g = reference_drafter.model(input_ids=torch.cat([drafter_prompt, z], 1)).last_hidden_state
-                features = g[:, drafter_prompt.shape[1] - 1 :]  # g_j: after its prompt and z[:j]
-                if kind == "l5f":
-                    # The prompt with its video, then z through the cache: a draft may be the video
-                    # placeholder id, which must not be read as one more video slot.
-                    seen = reference_model.model(**prompt, use_cache=True)
-                    after = reference_model.model(input_ids=z, past_key_values=seen.past_key_values)
-                    f = torch.cat([seen.last_hidden_state[:, -1:], after.last_hidden_state], 1)
-                    features = torch.cat([features, f], -1)
-                width = n + gamma - 1
-                steps = rollout(head, features[:, :width], z[:, :width], gamma - 1).features
+                steps = rollout(head, features_of(row, z)[:, :width], z[:, :width], gamma - 1).features
             # Step s at position n - 1 + s scores the (s+1)-th draft of the chain rooted after y_n.
             want_hidden = torch.stack([steps[s][0, n - 1 + s] for s in range(gamma)])
             torch.testing.assert_close(hidden[row], want_hidden, atol=1e-5, rtol=1e-4)
@@ -444,7 +467,65 @@ def test_event_feature_head_drafts_from_the_real_features(
 
 
 @pytest.mark.parametrize("kind", EVENT_KINDS)
-def test_event_feature_head_coupled_sampling_equals_target_alone(reference_model, target, batch_inputs, kind):
+def test_event_feature_head_tree_nodes_follow_their_paths(
+    reference_model, target, batch_inputs, kind, monkeypatch
+):
+    """Every node of every tree the head drafts (batch 2, left padded) is among the top-k of what
+    ``rollout`` predicts on its parent's path (committed tokens, then the path's drafts, features
+    computed afresh), and each parent's best child is kept whenever any child is: each level
+    pairs every node with its own parent's drafter feature."""
+    from crossspec_kernels.runtime.engine import _Run
+
+    draft = TreeDraft(top_k=2, depth=3, max_nodes=7)
+    drafter, drafter_inputs, adapter = event_drafter(batch_inputs)
+    trees, original_propose = [], _Run._propose
+
+    def recording(self, model, hidden):
+        proposal = original_propose(self, model, hidden)
+        if model is self.head:
+            committed = [torch.cat(pieces) for pieces in self.pieces]
+            trees.append((committed, list(self.finished), proposal.tokens.clone(), proposal.parents.clone()))
+        return proposal
+
+    monkeypatch.setattr(_Run, "_propose", recording)
+    head = event_head(target, kind)
+    engine = CrossSpecEngine(target, drafter, adapter, draft=draft, backend="reference", feature_head=head)
+    out = engine.generate(batch_inputs, drafter_inputs, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert torch.equal(out.sequences, expected(reference_model, batch_inputs))
+    check_head_drafted(out.stats, kind)
+    lm_head = reference_model.get_output_embeddings().weight
+    features_of = RealFeatures(kind, reference_model, batch_inputs, drafter_inputs)
+    checked = 0
+    for row in range(2):
+        for committed, finished, tokens, parents in trees:
+            if finished[row]:
+                continue
+            n = committed[row].numel()
+            children: dict[int, list[int]] = {}
+            for node, parent in enumerate(parents[row].tolist()):
+                children.setdefault(parent, []).append(int(tokens[row, node]))
+            for parent, kids in children.items():
+                path = []  # the parent's ancestors' tokens, root side first (empty: the root)
+                at = parent
+                while at >= 0:
+                    path.insert(0, int(tokens[row, at]))
+                    at = int(parents[row, at])
+                z = torch.cat([committed[row], torch.tensor(path, dtype=torch.int64)])[None]
+                with torch.no_grad():
+                    steps = rollout(head, features_of(row, z)[:, : z.shape[1]], z, len(path)).features
+                logits = steps[len(path)][0, n - 1 + len(path)] @ lm_head.T
+                top = logits.topk(draft.top_k).indices.tolist()
+                assert set(kids) <= set(top), (row, n, path, kids, top)
+                assert top[0] in kids, (row, n, path, kids, top)
+                checked += 1
+    assert checked >= out.stats["rounds"]
+
+
+@pytest.mark.parametrize("draft", DRAFTS, ids=str)
+@pytest.mark.parametrize("kind", EVENT_KINDS)
+def test_event_feature_head_coupled_sampling_equals_target_alone(
+    reference_model, target, batch_inputs, kind, draft
+):
     from test_coupled_sampling import TEMPERATURE, target_alone
 
     drafter, drafter_inputs, adapter = event_drafter(batch_inputs)
@@ -452,7 +533,7 @@ def test_event_feature_head_coupled_sampling_equals_target_alone(reference_model
         target,
         drafter,
         adapter,
-        draft=ChainDraft(3),
+        draft=draft,
         backend="reference",
         feature_head=event_head(target, kind),
     )
@@ -503,8 +584,6 @@ def test_bad_event_feature_head_arguments(target):
             ValueError, match="reads drafter features of d_draft=48, but the drafter's hidden size is 32"
         ):
             CrossSpecEngine(target, drafter, adapter, feature_head=wrong)
-        with pytest.raises(ValueError, match="draft=TreeDraft.* trees are not supported with L5/L5F heads"):
-            CrossSpecEngine(target, drafter, adapter, draft=DRAFTS[1], feature_head=event_head(target, kind))
         other = tm.tiny_llama(seed=3, head_dim=8)  # hidden 32, not the target's 64
         with pytest.raises(ValueError, match="feature_head is for vocab_size"):
             CrossSpecEngine(target, drafter, adapter, feature_head=event_head(other, kind))

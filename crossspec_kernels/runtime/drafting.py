@@ -129,6 +129,12 @@ class DraftModel:
         """
         return self.runner.forward(self._to_drafter_ids(tokens), depth, tree_mask)
 
+    def _read_level(self, tokens, offsets, block_mask, sources) -> torch.Tensor:
+        """A tree level: every expanded node so far as one scratch block behind the committed
+        slots (``offsets`` [B, W]: slots past the root, ``block_mask`` [B, W, W]: ancestors);
+        nothing is committed. Hidden states [B, W, d]."""
+        return self._read(tokens, offsets, block_mask, sources)
+
     def _feed(self, token, hidden, zero, ones) -> torch.Tensor:
         """A chain step: read draft ``token`` [B] (scored by ``hidden`` [B, d]) and commit it; the
         hidden state that scores the next draft [B, d]. ``zero`` [B, 1], ``ones`` [B]: int64."""
@@ -296,7 +302,7 @@ class DraftModel:
                     expanded_sources = sources.gather(
                         1, expanded[:, :, None].expand(-1, -1, sources.shape[2])
                     )
-                out = self._read(
+                out = self._read_level(
                     tokens.gather(1, expanded), depth.gather(1, expanded) - 1, block_mask, expanded_sources
                 )
                 new_hidden = out[:, -width:].reshape(batch * width, -1)

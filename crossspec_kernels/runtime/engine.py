@@ -16,9 +16,9 @@ One request batch, start to end:
    With a feature head (``feature_head=``: an EAGLE-style head fed by the target's own features,
    B1; by the event drafter's, L5; or by both, L5F), the event drafter drafts only during the
    target's prefill (the free tokens); from the first verification on the head drafts chains or
-   trees (B1) or chains (L5/L5F) from the features of the committed tokens
-   (``feature_drafting``). For L5/L5F the event drafter keeps reading every committed token and
-   runs one step on each draft token while the head drafts, so the head reads its real features.
+   trees from the features of the committed tokens (``feature_drafting``). For L5/L5F the event
+   drafter keeps reading every committed token and reads each draft while the head drafts (a
+   chain's steps, a tree's levels), so the head reads its real features.
 3. A drafter that raises (an error, or running out of memory) never touches the output: the
    engine finishes with target-only decoding (rounds without drafts) and reports the fallback.
 
@@ -126,7 +126,7 @@ class CrossSpecEngine:
         feature_head: a ``FeatureHead`` for this target (``models.feature_head``) of kind "b1"
             (reads the target's features), "l5" (the event drafter's: needs a ``drafter`` whose
             hidden size is the head's d_draft) or "l5f" (both); it drafts every round after the
-            first. L5/L5F heads draft chains only (a ``TreeDraft`` is refused). Its attention is
+            first, as a chain or a tree. Its attention is
             switched to "crossspec"; a head saved without its token embedding gets the target's.
         draft_vocab: the token ids the feature head may propose (e.g. the most frequent ones), or
             None (all): a smaller LM head for the drafts, verification still over the full vocabulary.
@@ -199,7 +199,7 @@ class CrossSpecEngine:
             raise ValueError(f"{_OP}: draft_vocab restricts a feature head's drafts; feature_head is None")
         self.draft_vocab = None
         if feature_head is not None:
-            self.draft_vocab = check_feature_head(feature_head, target, draft_vocab, drafter, draft)
+            self.draft_vocab = check_feature_head(feature_head, target, draft_vocab, drafter)
             if self.device_pair.crosses and feature_head.config.kind in EVENT_FEATURE_KINDS:
                 raise ValueError(
                     f"{_OP}: feature_head of kind {feature_head.config.kind!r} reads the event drafter's "

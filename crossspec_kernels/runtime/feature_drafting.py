@@ -44,8 +44,10 @@ output after reading slot n-1+k::
     L5F: (concat[g of d_{k-1} ; head output k], d_k)   the target half is the head's prediction
 
 so the drafter runs one step on each of d_1..d_{gamma-2} while the head drafts (``_feed``), as
-``models.feature_head.rollout`` defines. Trees are not supported with L5/L5F heads (the drafter
-would have to read the tree's nodes under the tree mask): the engine refuses them.
+``models.feature_head.rollout`` defines. A tree is every root-to-node path's chain at once
+(``_read_level``): at each level the drafter reads the expanded nodes as a tree-masked scratch
+block (g of each node, nothing committed), and the head reads each node next to g of its parent
+(g of the root for a child of the root).
 
 Chains, dynamic trees (``DraftModel.tree``: a node is expanded with the output that scored it)
 and sampled chains are ``DraftModel``'s, unchanged; only what a forward reads differs. An
@@ -61,7 +63,6 @@ import torch
 
 from crossspec_kernels.models.feature_head import FeatureHead
 from crossspec_kernels.runtime import checks
-from crossspec_kernels.runtime.draft_config import TreeDraft
 from crossspec_kernels.runtime.drafting import DraftModel, Pending
 from crossspec_kernels.runtime.runner import ModelRunner
 from crossspec_kernels.runtime.stages import StageTimer
@@ -108,7 +109,7 @@ class HeadDecoder(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=hidden)
 
 
-def check_feature_head(head, target, draft_vocab, drafter=None, draft=None) -> torch.Tensor | None:
+def check_feature_head(head, target, draft_vocab, drafter=None) -> torch.Tensor | None:
     """A feature head for this target (and, L5/L5F, this event ``drafter``); ``draft_vocab`` (or
     None) as a sorted unique int64 id tensor."""
     if not isinstance(head, FeatureHead):
@@ -132,11 +133,6 @@ def check_feature_head(head, target, draft_vocab, drafter=None, draft=None) -> t
             raise ValueError(
                 f"{_OP}: feature_head of kind {config.kind!r} reads drafter features of d_draft="
                 f"{config.d_draft}, but the drafter's hidden size is {d_draft}"
-            )
-        if isinstance(draft, TreeDraft):
-            raise ValueError(
-                f"{_OP}: draft={draft!r} with a feature_head of kind {config.kind!r}: trees are not "
-                "supported with L5/L5F heads yet (the drafter would read the tree's nodes); use a ChainDraft"
             )
     embedding = target.get_input_embeddings().weight
     lm_head = target.get_output_embeddings().weight
@@ -347,10 +343,17 @@ class EventFeatureDraftModel(FeatureDraftModel):
         features = self._features(self.step_feature, hidden if self.with_target else None)
         return super()._feed(token, features, zero, ones)
 
-    def tree(self, hidden, config, **kwargs):
-        raise ValueError(
-            f"{_OP}: draft=TreeDraft with an L5/L5F feature_head is not supported (use a ChainDraft)"
-        )
+    def _read_level(self, tokens, offsets, block_mask, sources) -> torch.Tensor:
+        """A tree level: the drafter reads the expanded nodes (a scratch block: its committed
+        length stays), giving g after each; the head reads node i next to g of its parent, the
+        node one level up among its ancestors (g of the root at the first level). L5F pairs it
+        with ``sources``, the head output that scored the node, as a chain step does."""
+        g = self.events._read(tokens, offsets, block_mask, None)
+        parent = (block_mask & (offsets[:, None, :] == offsets[:, :, None] - 1)).to(torch.int8).argmax(-1)
+        parent_g = g.gather(1, parent[:, :, None].expand(-1, -1, g.shape[2]))
+        parent_g = torch.where((offsets == 0)[:, :, None], self.root_feature[:, None].to(g.dtype), parent_g)
+        features = self._features(parent_g, sources if self.with_target else None)
+        return super()._read_level(tokens, offsets, block_mask, features)
 
 
 def feature_draft_model(
