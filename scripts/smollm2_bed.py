@@ -12,6 +12,11 @@ Stages (each cached in --work-dir, so a rerun resumes where it stopped):
    regression, training-time rollout), checkpointed, stopped after --minutes of training.
 3. eval: ``evaluate_feature_head`` on the held-out generations; the report goes to --out (JSON).
 
+``--kind l5`` / ``l5f`` trains and runs the research's cross-modal heads on a real drafter: the
+model's first ``--drafter-layers`` decoder layers and its final norm (same tokenizer and hidden
+size, a fraction of the cost), whose final-norm features the head reads (L5F: next to the
+target's). In the engine that drafter drafts the free tokens during the prefill, then the head.
+
 Run with 1 thread (the default here, --threads): the numbers are CPU smoke numbers, not speed claims.
 """
 
@@ -350,6 +355,7 @@ def stage_train(args, model, corpus):
     )
 
     sequences = [torch.tensor(r["tokens"]) for r in corpus["train"]]
+    data = feature_data(args, model, sequences) if args.kind != "b1" else sequences
     # The KL over the 8k most frequent corpus tokens (all the target's greedy choices there) costs
     # a sixth of the full 49k-row LM head; the feature term keeps the rest of the output in place.
     config = FeatureTrainConfig(
@@ -365,27 +371,60 @@ def stage_train(args, model, corpus):
     if args.init_head is not None:  # continue an earlier head on this (wider) corpus
         from crossspec_kernels.models.adapters import load_adapter
 
-        head = load_adapter(args.init_head, expected_kind="b1", dtype=torch.float32)
+        head = load_adapter(args.init_head, expected_kind=args.kind, dtype=torch.float32)
         head.load_embedding(model.get_input_embeddings().weight)
     return train_feature_head(
         model,
-        sequences,
-        "b1",
+        data,
+        args.kind,
         head=head,
         config=config,
         loss_vocab=frequent_tokens(sequences, 8192),
         checkpoint_dir=args.work_dir / "train",
         time_budget_s=args.minutes * 60,
+        **({} if args.kind == "b1" else {"d_draft": model.config.hidden_size}),
     )
 
 
+def layer_drafter(model, layers: int):
+    """The L5/L5F bed's event drafter: ``model``'s first ``layers`` decoder layers and its final
+    norm, as a model of its own (its weights copied, so the engine may switch its attention)."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = layers
+    drafter = type(model)(config)
+    missing, _ = drafter.load_state_dict(model.state_dict(), strict=False)  # drops layers >= N
+    if missing:
+        raise RuntimeError(f"layer_drafter: weights missing for {missing[:3]}")
+    return drafter.eval()
+
+
+def feature_data(args, model, sequences):
+    """The target's and the layer drafter's teacher-forced features of ``sequences`` (L5/L5F)."""
+    import torch
+
+    from crossspec_kernels.adapter_tools.feature_train import FeatureData, teacher_forcing_features
+
+    drafter = layer_drafter(model, args.drafter_layers)
+    with torch.no_grad():
+        target = teacher_forcing_features(model, sequences)
+        events = teacher_forcing_features(drafter, sequences)
+    return FeatureData(tokens=sequences, features=target.features, drafter_features=events.features)
+
+
 def stage_eval(args, model, head, records) -> dict:
+    import torch
+
     from crossspec_kernels.adapter_tools.offline_eval import evaluate_feature_head
 
+    sequences = [r["tokens"] for r in records]
+    if args.kind != "b1":
+        sequences = feature_data(args, model, [torch.tensor(t) for t in sequences])
     report = evaluate_feature_head(
         head,
         model,
-        [r["tokens"] for r in records],
+        sequences,
         prompt_lens=[r["prompt_len"] for r in records],
         gamma=args.gamma,
     )
@@ -458,8 +497,10 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
         "tree": TreeDraft(*args.tree),
     }
     vocab = draft_vocab(args, corpus)
+    # L5/L5F: the layer drafter reads the same prompt (it shares the tokenizer).
+    drafter = None if args.kind == "b1" else layer_drafter(target, args.drafter_layers)
     engines = {
-        name: CrossSpecEngine(target, None, draft=d, feature_head=head, draft_vocab=vocab)
+        name: CrossSpecEngine(target, drafter, draft=d, feature_head=head, draft_vocab=vocab)
         for name, d in drafts.items()
     }
 
@@ -473,7 +514,10 @@ def stage_engine(args, head, corpus, tokenizer) -> dict:
         return greedy_new_tokens(baseline, ids, args.engine_tokens, eos, prompt_lookup_num_tokens=args.gamma)
 
     def spec(name, ids, **kwargs):
-        return engines[name].generate(dict(input_ids=ids), None, max_new_tokens=args.engine_tokens, **kwargs)
+        drafter_inputs = None if drafter is None else dict(input_ids=ids)
+        return engines[name].generate(
+            dict(input_ids=ids), drafter_inputs, max_new_tokens=args.engine_tokens, **kwargs
+        )
 
     warm = prompt_of(records[0])  # first calls pay one-off costs (allocation, lazy init)
     plain(warm)
@@ -695,6 +739,15 @@ def parse_args(argv=None):
     parser.add_argument(
         "--steps", type=int, default=4000, help="optimizer steps (the time budget may stop it first)"
     )
+    parser.add_argument(
+        "--kind",
+        choices=("b1", "l5", "l5f"),
+        default="b1",
+        help="the head: b1 reads the target's features, l5 the layer drafter's, l5f both",
+    )
+    parser.add_argument(
+        "--drafter-layers", type=int, default=8, help="l5/l5f: the event drafter's decoder layers (of 30)"
+    )
     parser.add_argument("--rollout-steps", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument(
@@ -751,6 +804,10 @@ def parse_args(argv=None):
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.minutes <= 0:
         parser.error(f"--minutes must be > 0, got {args.minutes}")
+    if not 1 <= args.drafter_layers < 30:
+        parser.error(f"--drafter-layers must lie in [1, 30), got {args.drafter_layers}")
+    if args.stage == "cost" and args.kind != "b1":
+        parser.error(f"--stage cost measures B1 heads only, got --kind {args.kind}")
     return args
 
 
@@ -782,11 +839,13 @@ def main(argv=None) -> int:
     else:
         from crossspec_kernels.models.adapters import load_adapter
 
-        head, history = load_adapter(args.head, expected_kind="b1", dtype=torch.float32), []
+        head, history = load_adapter(args.head, expected_kind=args.kind, dtype=torch.float32), []
     head.load_embedding(model.get_input_embeddings().weight)
     train_s = time.monotonic() - began
     report = {
         **_environment(args),
+        "kind": args.kind,
+        "drafter_layers": None if args.kind == "b1" else args.drafter_layers,
         "train_steps": len(history),
         "train_seconds_this_run": round(train_s, 1),
         "final_loss": history[-1]["loss"] if history else None,
